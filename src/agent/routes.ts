@@ -1,0 +1,121 @@
+// Why this file exists: the agent's HTTP API, one line per route, each delegating to the VM
+// manager. Request bodies are validated here (shape) and in the manager (meaning). The CLI's
+// client (cli/client.ts) is the reference caller; docs/ARCHITECTURE.md lists the routes.
+//
+//   GET    /v1/host                         host info (accelerator, versions, identity)
+//   GET    /v1/vms                          list
+//   POST   /v1/vms                          create  {name, vcpus, memoryMiB, image, disks, nics, workload, append}
+//   GET    /v1/vms/:name                    show
+//   DELETE /v1/vms/:name?force=&keepDisks=  delete
+//   POST   /v1/vms/:name/start|pause|resume
+//   POST   /v1/vms/:name/stop|restart       {force, timeoutSec}
+//   GET    /v1/vms/:name/console?lines=N&follow=1   serial log (text; follow streams)
+//   POST   /v1/vms/:name/console            {data}: type into the serial console
+//   GET    /v1/vms/:name/guest              guest probes: heartbeat gaps, durable writes
+//   POST   /v1/vms/:name/guest/reset-gap
+//   GET    /v1/events?vm=&limit=
+import fs from 'node:fs';
+import { FerryError } from '../errors.js';
+import { listImages } from '../image/catalog.js';
+import type { StateDb } from '../state/db.js';
+import { Router, type Req } from './http.js';
+import type { CreateRequest, VmManager } from './vms.js';
+
+export interface HostInfo {
+  hostName: string;
+  version: string;
+  accel: string;
+  accelReason: string;
+  qemuVersion: string;
+  dataDir: string;
+  imagesDir: string;
+  fingerprint: string;
+  pid: number;
+  startedAt: number;
+  memoryRssBytes?: number;
+  vms?: number;
+  images?: string[];
+}
+
+function bool(q: URLSearchParams, k: string, body?: Record<string, unknown>): boolean {
+  const v = body?.[k] ?? q.get(k);
+  return v === true || v === 'true' || v === '1';
+}
+
+function optNumber(body: Record<string, unknown>, k: string): number | undefined {
+  const v = body[k];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'number') throw new FerryError('INVALID_ARGUMENT', `${k} must be a number`);
+  return v;
+}
+
+export function buildRouter(vms: VmManager, db: StateDb, host: () => HostInfo): Router {
+  const r = new Router();
+  r.add('GET', '/v1/host', () => {
+    const h = host();
+    return { ...h, memoryRssBytes: process.memoryUsage().rss, vms: vms.list().length, images: listImages(h.imagesDir).map((i) => i.name) };
+  });
+  r.add('GET', '/v1/vms', () => vms.list());
+  r.add('POST', '/v1/vms', (q) => vms.create(q.body as unknown as CreateRequest));
+  r.add('GET', '/v1/vms/:name', (q) => vms.get(q.params.name!));
+  r.add('DELETE', '/v1/vms/:name', (q) => vms.delete(q.params.name!, { force: bool(q.query, 'force'), keepDisks: bool(q.query, 'keepDisks') }));
+  r.add('POST', '/v1/vms/:name/start', (q) => vms.start(q.params.name!));
+  r.add('POST', '/v1/vms/:name/pause', (q) => vms.pause(q.params.name!));
+  r.add('POST', '/v1/vms/:name/resume', (q) => vms.resume(q.params.name!));
+  r.add('POST', '/v1/vms/:name/stop', (q) => vms.stop(q.params.name!, { force: bool(q.query, 'force', q.body), timeoutSec: optNumber(q.body, 'timeoutSec') }));
+  r.add('POST', '/v1/vms/:name/restart', (q) => vms.restart(q.params.name!, { force: bool(q.query, 'force', q.body), timeoutSec: optNumber(q.body, 'timeoutSec') }));
+  r.add('GET', '/v1/vms/:name/console', (q) => consoleTail(vms, q));
+  r.add('POST', '/v1/vms/:name/console', (q) => {
+    vms.sendConsole(q.params.name!, q.body.data as string);
+    return { sent: (q.body.data as string).length };
+  });
+  r.add('GET', '/v1/vms/:name/guest', (q) => vms.guestStats(q.params.name!));
+  r.add('POST', '/v1/vms/:name/guest/reset-gap', (q) => {
+    vms.resetGuestGap(q.params.name!);
+    return { ok: true };
+  });
+  r.add('GET', '/v1/events', (q) => {
+    const limit = q.query.get('limit');
+    const vm = q.query.get('vm');
+    return db.events({ ...(vm ? { vm } : {}), ...(limit ? { limit: Number(limit) } : {}) });
+  });
+  return r;
+}
+
+/** Last `lines` lines of the serial log; with follow=1, keeps streaming appended output. */
+function consoleTail(vms: VmManager, q: Req): undefined {
+  const file = vms.consoleLogPath(q.params.name!);
+  const lines = Math.min(Math.max(Number(q.query.get('lines') ?? 50) || 50, 0), 100_000);
+  let text = '';
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    /* no output yet */
+  }
+  const tail = text.split('\n');
+  const start = Math.max(0, tail.length - 1 - lines);
+  q.res.writeHead(200, { 'content-type': 'text/plain; charset=utf-8' });
+  q.res.write(lines === 0 ? '' : tail.slice(start).join('\n'));
+  if (!bool(q.query, 'follow')) {
+    q.res.end();
+    return undefined;
+  }
+  let offset = Buffer.byteLength(text);
+  const timer = setInterval(() => {
+    try {
+      const size = fs.statSync(file).size;
+      if (size > offset) {
+        const fd = fs.openSync(file, 'r');
+        const buf = Buffer.alloc(size - offset);
+        fs.readSync(fd, buf, 0, buf.length, offset);
+        fs.closeSync(fd);
+        offset = size;
+        q.res.write(buf);
+      }
+    } catch {
+      /* log rotated or VM deleted: keep waiting until the client leaves */
+    }
+  }, 200);
+  q.raw.on('close', () => clearInterval(timer));
+  return undefined;
+}

@@ -1,0 +1,59 @@
+// Why this file exists: where things live on a host, and the agent's config file. Defaults are
+// what an operator expects of a system daemon; every one can be overridden by flag or env so the
+// tests and the WAN lab can run several agents side by side on one machine.
+import fs from 'node:fs';
+import path from 'node:path';
+import { FerryError } from './errors.js';
+
+export const DEFAULT_DATA_DIR = process.env.FERRY_DATA_DIR ?? '/var/lib/ferry';
+export const DEFAULT_IMAGES_DIR = process.env.FERRY_IMAGES_DIR ?? '/var/cache/ferry/images';
+export const DEFAULT_LISTEN = '127.0.0.1:7450';
+export const GUEST_IMAGE = 'ferry-guest';
+
+export interface AgentConfig {
+  /** host:port the HTTP API listens on. */
+  listen: string;
+  imagesDir: string;
+  hostName: string;
+}
+
+export const files = (dataDir: string) => ({
+  config: path.join(dataDir, 'agent.json'),
+  token: path.join(dataDir, 'api-token'),
+  key: path.join(dataDir, 'host.key'),
+  cert: path.join(dataDir, 'host.crt'),
+  db: path.join(dataDir, 'state.db'),
+  pid: path.join(dataDir, 'agent.pid'),
+  vms: path.join(dataDir, 'vms'),
+  run: path.join(dataDir, 'run'),
+});
+
+export function readConfig(dataDir: string): AgentConfig {
+  const f = files(dataDir).config;
+  if (!fs.existsSync(f)) {
+    throw new FerryError('AGENT_NOT_INITIALIZED', `${dataDir} is not an initialized Ferry data directory: run \`ferry agent init --data-dir ${dataDir}\``);
+  }
+  return JSON.parse(fs.readFileSync(f, 'utf8')) as AgentConfig;
+}
+
+export function writeConfig(dataDir: string, cfg: AgentConfig): void {
+  const f = files(dataDir).config;
+  fs.writeFileSync(`${f}.tmp`, JSON.stringify(cfg, null, 2) + '\n', { mode: 0o600 });
+  fs.renameSync(`${f}.tmp`, f);
+}
+
+/** Resolves `p` and throws PATH_OUTSIDE_DATA_DIR unless it lies inside `dataDir`. */
+export function insideDataDir(dataDir: string, p: string): string {
+  const root = fs.realpathSync(dataDir);
+  let abs = path.resolve(root, p);
+  try {
+    abs = fs.realpathSync(abs);
+  } catch {
+    /* not existing yet: the lexical check below still applies */
+  }
+  const rel = path.relative(root, abs);
+  if (rel === '' || rel.startsWith('..') || path.isAbsolute(rel)) {
+    throw new FerryError('PATH_OUTSIDE_DATA_DIR', `${p} is outside the agent's data directory ${dataDir}`);
+  }
+  return abs;
+}

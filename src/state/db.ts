@@ -1,0 +1,119 @@
+// Why this file exists: the host's durable state — VM definitions, their runtime state (what
+// QEMU pid runs them), and an append-only event log — in one embedded SQLite database in the
+// agent's data dir. Only the agent opens it. WAL mode + synchronous=FULL: a state change the API
+// reported survives a crash of the agent or the host.
+import Database from 'better-sqlite3';
+import type { VmRuntime, VmSpec } from '../vm/spec.js';
+
+const SCHEMA_VERSION = 1;
+
+export interface VmRecord {
+  spec: VmSpec;
+  runtime: VmRuntime;
+  createdAt: number;
+  updatedAt: number;
+}
+
+export interface EventRecord {
+  id: number;
+  ts: number;
+  vm: string | null;
+  kind: string;
+  message: string;
+}
+
+export class StateDb {
+  private readonly db: Database.Database;
+
+  constructor(file: string) {
+    this.db = new Database(file);
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('busy_timeout = 5000');
+    this.migrate();
+  }
+
+  private migrate(): void {
+    this.db.exec(`CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`);
+    const row = this.db.prepare(`SELECT value FROM meta WHERE key = 'schema'`).get() as { value: string } | undefined;
+    const v = row ? Number(row.value) : 0;
+    if (v > SCHEMA_VERSION) throw new Error(`state database schema ${v} is newer than this Ferry (${SCHEMA_VERSION})`);
+    if (v < 1) {
+      this.db.exec(`
+        CREATE TABLE vms (
+          name TEXT PRIMARY KEY,
+          uuid TEXT NOT NULL UNIQUE,
+          spec TEXT NOT NULL,
+          runtime TEXT NOT NULL,
+          created_at INTEGER NOT NULL,
+          updated_at INTEGER NOT NULL
+        );
+        CREATE TABLE events (
+          id INTEGER PRIMARY KEY AUTOINCREMENT,
+          ts INTEGER NOT NULL,
+          vm TEXT,
+          kind TEXT NOT NULL,
+          message TEXT NOT NULL
+        );
+        CREATE INDEX events_vm ON events (vm, id);
+        INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', '1');
+      `);
+    }
+  }
+
+  listVms(): VmRecord[] {
+    const rows = this.db.prepare(`SELECT * FROM vms ORDER BY name`).all() as Row[];
+    return rows.map(fromRow);
+  }
+
+  getVm(name: string): VmRecord | undefined {
+    const row = this.db.prepare(`SELECT * FROM vms WHERE name = ?`).get(name) as Row | undefined;
+    return row ? fromRow(row) : undefined;
+  }
+
+  insertVm(spec: VmSpec, runtime: VmRuntime): void {
+    const now = Date.now();
+    this.db
+      .prepare(`INSERT INTO vms (name, uuid, spec, runtime, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)`)
+      .run(spec.name, spec.uuid, JSON.stringify(spec), JSON.stringify(runtime), now, now);
+  }
+
+  setRuntime(name: string, runtime: VmRuntime): void {
+    this.db.prepare(`UPDATE vms SET runtime = ?, updated_at = ? WHERE name = ?`).run(JSON.stringify(runtime), Date.now(), name);
+  }
+
+  deleteVm(name: string): void {
+    this.db.prepare(`DELETE FROM vms WHERE name = ?`).run(name);
+  }
+
+  addEvent(vm: string | null, kind: string, message: string): void {
+    this.db.prepare(`INSERT INTO events (ts, vm, kind, message) VALUES (?, ?, ?, ?)`).run(Date.now(), vm, kind, message);
+  }
+
+  events(opts: { vm?: string; limit?: number; afterId?: number } = {}): EventRecord[] {
+    const limit = Math.min(Math.max(opts.limit ?? 100, 1), 10_000);
+    const rows = (
+      opts.vm
+        ? this.db.prepare(`SELECT * FROM events WHERE vm = ? AND id > ? ORDER BY id DESC LIMIT ?`).all(opts.vm, opts.afterId ?? 0, limit)
+        : this.db.prepare(`SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?`).all(opts.afterId ?? 0, limit)
+    ) as EventRecord[];
+    return rows.reverse();
+  }
+
+  close(): void {
+    this.db.close();
+  }
+}
+
+interface Row {
+  name: string;
+  uuid: string;
+  spec: string;
+  runtime: string;
+  created_at: number;
+  updated_at: number;
+}
+
+function fromRow(r: Row): VmRecord {
+  return { spec: JSON.parse(r.spec) as VmSpec, runtime: JSON.parse(r.runtime) as VmRuntime, createdAt: r.created_at, updatedAt: r.updated_at };
+}
