@@ -17,7 +17,7 @@ import type { ImageManifest } from './catalog.js';
 const BUILDER_VERSION = 1;
 const SUITE = 'bookworm';
 const ROOT_SIZE = 1024 ** 3;
-const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_legacy_dev', 'virtio_pci_modern_dev', 'virtio_pci', 'virtio_blk', 'failover', 'net_failover', 'virtio_net'];
+const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_legacy_dev', 'virtio_pci_modern_dev', 'virtio_pci', 'virtio_blk', 'failover', 'net_failover', 'virtio_net', 'evdev', 'button'];
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const guestSrc = (f: string) => path.join(repoRoot, 'guest', f);

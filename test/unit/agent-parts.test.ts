@@ -1,0 +1,66 @@
+// Agent building blocks without QEMU: the router, the token check, the state DB, the error table.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { Router, tokenMatches } from '../../src/agent/http.js';
+import { StateDb } from '../../src/state/db.js';
+import { ERROR_CODES } from '../../src/errors.js';
+import { insideDataDir } from '../../src/config.js';
+
+describe('router', () => {
+  const r = new Router().add('GET', '/v1/vms/:name', () => 1).add('POST', '/v1/vms/:name/start', () => 2);
+  it('matches method and path and decodes params', () => {
+    expect(r.match('GET', '/v1/vms/web%2D1')?.params).toEqual({ name: 'web-1' });
+    expect(r.match('POST', '/v1/vms/a/start')).toBeDefined();
+    expect(r.match('POST', '/v1/vms/a')).toBeUndefined();
+    expect(r.match('GET', '/v1/vms/a/b')).toBeUndefined();
+  });
+});
+
+describe('token', () => {
+  it('accepts only the exact bearer token', () => {
+    expect(tokenMatches('s3cret', 'Bearer s3cret')).toBe(true);
+    expect(tokenMatches('s3cret', 'Bearer s3cre')).toBe(false);
+    expect(tokenMatches('s3cret', 's3cret')).toBe(false);
+    expect(tokenMatches('s3cret', undefined)).toBe(false);
+  });
+});
+
+describe('state db', () => {
+  it('stores VMs, runtime state and events durably across reopen', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-db-'));
+    const f = path.join(dir, 'state.db');
+    const db = new StateDb(f);
+    db.insertVm({ name: 'a', uuid: 'u1', vcpus: 1, memoryMiB: 64, disks: [], nics: [] }, { state: 'stopped' });
+    db.setRuntime('a', { state: 'running', pid: 42, startedAt: 1 });
+    db.addEvent('a', 'started', 'pid 42');
+    db.close();
+    const db2 = new StateDb(f);
+    expect(db2.getVm('a')?.runtime).toEqual({ state: 'running', pid: 42, startedAt: 1 });
+    expect(db2.events({ vm: 'a' }).map((e) => e.kind)).toEqual(['started']);
+    expect(() => db2.insertVm({ name: 'a', uuid: 'u2', vcpus: 1, memoryMiB: 64, disks: [], nics: [] }, { state: 'stopped' })).toThrow();
+    db2.close();
+  });
+});
+
+describe('paths', () => {
+  it('refuses paths outside the data dir', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-dd-'));
+    fs.writeFileSync(path.join(dir, 'x.qcow2'), '');
+    expect(insideDataDir(dir, 'x.qcow2')).toBe(path.join(fs.realpathSync(dir), 'x.qcow2'));
+    for (const p of ['/etc/passwd', '../x', dir, `${dir}/../etc`]) {
+      expect(() => insideDataDir(dir, p)).toThrow(expect.objectContaining({ code: 'PATH_OUTSIDE_DATA_DIR' }));
+    }
+    fs.symlinkSync('/etc', path.join(dir, 'link'));
+    expect(() => insideDataDir(dir, 'link/passwd')).toThrow(expect.objectContaining({ code: 'PATH_OUTSIDE_DATA_DIR' }));
+  });
+});
+
+describe('docs/errors.md', () => {
+  it('lists exactly the error codes the code defines', () => {
+    const doc = fs.readFileSync(path.join(__dirname, '../../docs/errors.md'), 'utf8');
+    const documented = [...doc.matchAll(/^\| `([A-Z_]+)` \|/gm)].map((m) => m[1]).sort();
+    expect(documented).toEqual(Object.keys(ERROR_CODES).sort());
+  });
+});
