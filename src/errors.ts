@@ -15,12 +15,14 @@ export const ERROR_CODES = {
   VM_NOT_FOUND: { status: 404, exit: 3, summary: 'No VM has that name on this host.' },
   IMAGE_NOT_FOUND: { status: 404, exit: 3, summary: 'The named guest image is not in the images directory.' },
   NOT_FOUND: { status: 404, exit: 3, summary: 'No such API route.' },
+  LAB_NOT_FOUND: { status: 404, exit: 3, summary: 'No WAN lab with that name is up.' },
   // Conflicts with current state (HTTP 409)
   VM_EXISTS: { status: 409, exit: 5, summary: 'A VM with that name already exists.' },
   VM_RUNNING: { status: 409, exit: 5, summary: 'The VM is running (or paused) and the operation needs it stopped.' },
   VM_NOT_RUNNING: { status: 409, exit: 5, summary: 'The operation needs a running (or paused) VM.' },
   VM_BUSY: { status: 409, exit: 5, summary: 'Another operation on this VM is in progress.' },
   AGENT_ALREADY_RUNNING: { status: 409, exit: 5, summary: 'Another agent already owns this data directory.' },
+  LAB_EXISTS: { status: 409, exit: 5, summary: 'A WAN lab with that name is already up.' },
   AGENT_NOT_INITIALIZED: { status: 409, exit: 5, summary: 'The data directory has no identity: run `ferry agent init`.' },
   // Failures of components Ferry drives (HTTP 500/502/504)
   QEMU_FAILED: { status: 502, exit: 6, summary: 'QEMU refused a command or exited while starting.' },

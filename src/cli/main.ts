@@ -14,6 +14,7 @@ import { setup } from '../setup/packages.js';
 import { formatBytes } from '../util/units.js';
 import { action, client, globals, say, type Globals } from './common.js';
 import { fail, printJson, table } from './output.js';
+import { registerLabCommands } from './lab.js';
 import { registerVmCommands } from './vm.js';
 
 
@@ -149,6 +150,7 @@ program
   );
 
 registerVmCommands(program);
+registerLabCommands(program);
 
 program
   .command('demo')

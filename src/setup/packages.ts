@@ -17,6 +17,7 @@ export const REQUIRED_PACKAGES: Record<string, string> = {
   'libc6-dev': 'static libc for the in-guest workload tool',
   openssl: 'host identity certificates',
   iproute2: 'the WAN lab: network namespaces and veth',
+  ethtool: 'the WAN lab: software checksums on the emulated link',
   'libnbd-bin': 'nbdinfo: NBD checks in tests',
 };
 
