@@ -3,7 +3,13 @@
 // tests and the WAN lab can run several agents side by side on one machine.
 import fs from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { FerryError } from './errors.js';
+
+/** The Ferry checkout/package root (same from src/ under vitest and from dist/). */
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+/** Compiled entry points of processes Ferry spawns (agent, relay, probes). */
+export const distDir = path.join(repoRoot, 'dist');
 
 export const DEFAULT_DATA_DIR = process.env.FERRY_DATA_DIR ?? '/var/lib/ferry';
 export const DEFAULT_IMAGES_DIR = process.env.FERRY_IMAGES_DIR ?? '/var/cache/ferry/images';

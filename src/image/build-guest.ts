@@ -9,7 +9,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { repoRoot } from '../config.js';
 import { FerryError } from '../errors.js';
 import { run } from '../util/exec.js';
 import type { ImageManifest } from './catalog.js';
@@ -19,7 +19,6 @@ const SUITE = 'bookworm';
 const ROOT_SIZE = 1024 ** 3;
 const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_legacy_dev', 'virtio_pci_modern_dev', 'virtio_pci', 'virtio_blk', 'failover', 'net_failover', 'virtio_net', 'evdev', 'button'];
 
-export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const guestSrc = (f: string) => path.join(repoRoot, 'guest', f);
 
 type Say = (msg: string) => void;

@@ -15,8 +15,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { DEFAULT_IMAGES_DIR } from '../config.js';
+import { DEFAULT_IMAGES_DIR, distDir } from '../config.js';
 import { FerryError } from '../errors.js';
 import { initAgent, readToken } from '../agent/identity.js';
 import { AgentClient } from '../cli/client.js';
@@ -25,7 +24,6 @@ import type { LinkParams } from './link.js';
 import { profile as getProfile } from './profiles.js';
 import type { RelayConfig, RelayStatus } from './relay.js';
 
-const distDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const RUN_ROOT = process.env.FERRY_LAB_RUN ?? '/run/ferry-lab';
 const DATA_ROOT = process.env.FERRY_LAB_DATA ?? '/var/lib/ferry-lab';
 export const AGENT_PORT = 7450;
@@ -59,6 +57,10 @@ export interface LabState {
 
 const runDir = (name: string) => path.join(RUN_ROOT, name);
 const stateFile = (name: string) => path.join(runDir(name), 'state.json');
+
+/** Root-namespace veth names carry a tag of the lab name (interface names are ≤ 15 chars). */
+const vethTag = (name: string) => crypto.createHash('sha256').update(name).digest('hex').slice(0, 4);
+const rootVeth = (name: string, i: number) => `fm${vethTag(name)}h${i}`;
 
 function checkLabName(name: string): void {
   if (!/^[a-z][a-z0-9]{0,7}$/.test(name)) throw new FerryError('INVALID_ARGUMENT', `lab name must be 1-8 of a-z0-9, starting with a letter: "${name}"`);
@@ -114,7 +116,6 @@ export async function labUp(o: UpOptions = {}): Promise<LabState> {
   const mgmt = (i: number, h: number) => `${b0}.${b1}.${i}.${h}`;
   const under = (i: number, h: number) => `${b0}.${b1 + 1}.${i}.${h}`;
   const wan = (i: number) => `${b0}.${b1 + 2}.0.${i}`;
-  const tag = crypto.createHash('sha256').update(name).digest('hex').slice(0, 4);
   const dir = runDir(name);
   fs.mkdirSync(dir, { recursive: true });
   const wanNs = `ferry-${name}-wan`;
@@ -140,7 +141,10 @@ export async function labUp(o: UpOptions = {}): Promise<LabState> {
       const i = h.index;
       await ip(['netns', 'add', h.netns]);
       await ip(['-n', h.netns, 'link', 'set', 'lo', 'up']);
-      const rootSide = `fm${tag}h${i}`;
+      const rootSide = rootVeth(name, i);
+      // A dead lab's namespace can outlive `ip netns del` in the kernel (a TCP socket of a
+      // forgotten flow still retransmitting holds it); its root-side veth must not block us.
+      await runAllowFail('ip', ['link', 'del', rootSide]);
       await ip(['link', 'add', rootSide, 'type', 'veth', 'peer', 'name', 'mg0', 'netns', h.netns]);
       await ip(['addr', 'add', `${mgmt(i, 1)}/24`, 'dev', rootSide]);
       await ip(['link', 'set', rootSide, 'up']);
@@ -256,6 +260,8 @@ export async function labDown(name: string, o: { force?: boolean; keepData?: boo
   }
   await new Promise((r) => setTimeout(r, 200));
   for (const ns of [...lab.hosts.map((h) => h.netns), lab.wanNetns]) await runAllowFail('ip', ['netns', 'del', ns]);
+  // The kernel may keep a deleted namespace alive (sockets still draining); cut its veths now.
+  for (const h of lab.hosts) await runAllowFail('ip', ['link', 'del', rootVeth(lab.name, h.index)]);
   if (!o.keepData) fs.rmSync(path.join(DATA_ROOT, lab.name), { recursive: true, force: true });
   fs.rmSync(runDir(lab.name), { recursive: true, force: true });
 }

@@ -2,12 +2,12 @@
 // host and its client in another, and return what the client saw (RTT, loss, rate, TCP goodput).
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { distDir } from '../config.js';
 import { FerryError } from '../errors.js';
 import { run } from '../util/exec.js';
 import { labHost, readLab, type LabHost } from './lab.js';
 
-const probeJs = path.resolve(path.dirname(fileURLToPath(import.meta.url)), 'probe-main.js');
+const probeJs = path.join(distDir, 'lab', 'probe-main.js');
 
 export type ProbeKind = 'rtt' | 'loss' | 'rate' | 'tcp';
 
