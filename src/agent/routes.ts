@@ -14,11 +14,17 @@
 //   GET    /v1/vms/:name/guest              guest probes: heartbeat gaps, durable writes
 //   POST   /v1/vms/:name/guest/reset-gap
 //   GET    /v1/events?vm=&limit=
+//   POST   /v1/migrations/native/incoming          destination: {spec, from, listenHost, nbdPort, migratePort, tuning}
+//   POST   /v1/migrations/native/incoming/:name/finish   destination: wait, resume
+//   POST   /v1/vms/:name/migrate/native            source: {host, nbdPort, migratePort, tuning, timeoutMs, to} → job
+//   GET    /v1/vms/:name/migration                 the job (progress, result, guest probes), either side
+//   POST   /v1/vms/:name/dirty-since-switchover    destination: pause; extents written since the switchover
 import fs from 'node:fs';
 import { FerryError } from '../errors.js';
 import { listImages } from '../image/catalog.js';
 import type { StateDb } from '../state/db.js';
 import { Router, type Req } from './http.js';
+import type { IncomingRequest, NativeMigrations, OutgoingRequest } from './native-migration.js';
 import type { CreateRequest, VmManager } from './vms.js';
 
 export interface HostInfo {
@@ -49,7 +55,7 @@ function optNumber(body: Record<string, unknown>, k: string): number | undefined
   return v;
 }
 
-export function buildRouter(vms: VmManager, db: StateDb, host: () => HostInfo): Router {
+export function buildRouter(vms: VmManager, native: NativeMigrations, db: StateDb, host: () => HostInfo): Router {
   const r = new Router();
   r.add('GET', '/v1/host', () => {
     const h = host();
@@ -74,6 +80,11 @@ export function buildRouter(vms: VmManager, db: StateDb, host: () => HostInfo): 
     vms.resetGuestGap(q.params.name!);
     return { ok: true };
   });
+  r.add('POST', '/v1/migrations/native/incoming', (q) => native.prepare(q.body as unknown as IncomingRequest));
+  r.add('POST', '/v1/migrations/native/incoming/:name/finish', (q) => native.finish(q.params.name!, optNumber(q.body, 'timeoutMs')));
+  r.add('POST', '/v1/vms/:name/dirty-since-switchover', (q) => native.dirtySinceSwitchover(q.params.name!));
+  r.add('POST', '/v1/vms/:name/migrate/native', (q) => native.start(q.params.name!, q.body as unknown as OutgoingRequest));
+  r.add('GET', '/v1/vms/:name/migration', (q) => native.status(q.params.name!));
   r.add('GET', '/v1/events', (q) => {
     const limit = q.query.get('limit');
     const vm = q.query.get('vm');

@@ -14,6 +14,7 @@ import { run } from '../util/exec.js';
 import { createServer } from './http.js';
 import { certFingerprint, readToken } from './identity.js';
 import { buildRouter, type HostInfo } from './routes.js';
+import { NativeMigrations } from './native-migration.js';
 import { VmManager } from './vms.js';
 
 const version = (createRequire(import.meta.url)('../../package.json') as { version: string }).version;
@@ -73,7 +74,7 @@ export async function runAgent(dataDir: string, opts: { listen?: string; log?: (
     startedAt,
   };
   db.addEvent(null, 'agent-started', `pid ${process.pid}, ${accel.accel} (${accel.reason}); re-attached ${reattached.length}, crashed ${crashed.length}`);
-  const server = createServer(buildRouter(vms, db, () => info), readToken(dataDir), log);
+  const server = createServer(buildRouter(vms, new NativeMigrations(vms), db, () => info), readToken(dataDir), log);
   const listen = opts.listen ?? cfg.listen;
   const [hostPart, portPart] = splitHostPort(listen);
   await new Promise<void>((resolve, reject) => {

@@ -83,7 +83,7 @@ export class VmManager {
   }
 
   /** Runs `fn` holding the VM's operation lock. */
-  private async exclusive<T>(name: string, fn: () => Promise<T>): Promise<T> {
+  async exclusive<T>(name: string, fn: () => Promise<T>): Promise<T> {
     if (this.busy.has(name)) throw new FerryError('VM_BUSY', `another operation on VM "${name}" is in progress`);
     this.busy.add(name);
     try {
@@ -93,7 +93,8 @@ export class VmManager {
     }
   }
 
-  private setRuntime(name: string, rt: VmRuntime, event?: { kind: string; message: string }): void {
+  /** Records a state change (and an event). The migration module uses it for its transitions. */
+  setRuntime(name: string, rt: VmRuntime, event?: { kind: string; message: string }): void {
     this.db.setRuntime(name, rt);
     if (event) this.db.addEvent(name, event.kind, event.message);
   }
@@ -166,6 +167,51 @@ export class VmManager {
     });
   }
 
+  /**
+   * Migration destination: defines the VM from the source's spec (same name, uuid, sizes,
+   * workload), creates empty disks (an overlay on the same template when this host has it),
+   * and starts QEMU paused with `-incoming defer`. State `incoming` until the migration finishes.
+   */
+  async createIncoming(src: VmSpec, from: string): Promise<{ view: VmView; inst: QemuInstance }> {
+    const name = validateName(src?.name);
+    if (this.db.getVm(name)) throw new FerryError('VM_EXISTS', `a VM named "${name}" already exists on this host`);
+    return this.exclusive(name, async () => {
+      const spec: VmSpec = { ...src, disks: [], nics: src.nics ?? [] };
+      if (src.image) {
+        const image = readImage(this.imagesDir, src.image);
+        spec.kernel = image.kernel;
+        spec.initrd = image.initrd;
+      }
+      const p = this.paths(spec);
+      fs.mkdirSync(p.dir, { recursive: true, mode: 0o700 });
+      try {
+        for (const d of src.disks) {
+          const file = `${d.id}.qcow2`;
+          if (d.backing && fs.existsSync(d.backing)) {
+            await qcow2.createOverlay(path.join(p.dir, file), d.backing, d.sizeBytes);
+            spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, backing: d.backing });
+          } else {
+            await qcow2.createBlank(path.join(p.dir, file), d.sizeBytes);
+            spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes });
+          }
+        }
+        this.db.insertVm(spec, { state: 'stopped' });
+        this.db.addEvent(name, 'created', `incoming migration from ${from}`);
+        fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
+        const inst = await QemuInstance.launch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
+        this.adopt(name, inst);
+        this.setRuntime(name, { state: 'incoming', pid: inst.pid, startedAt: Date.now(), from }, { kind: 'incoming', message: `QEMU pid ${inst.pid} waiting for migration from ${from}` });
+        return { view: this.get(name), inst };
+      } catch (e) {
+        this.instances.get(name)?.kill();
+        this.instances.delete(name);
+        this.db.deleteVm(name);
+        fs.rmSync(p.dir, { recursive: true, force: true });
+        throw e;
+      }
+    });
+  }
+
   async start(name: string): Promise<VmView> {
     return this.exclusive(name, async () => {
       const rec = this.record(name);
@@ -210,7 +256,8 @@ export class VmManager {
     });
   }
 
-  private running(name: string): { rec: VmRecord; inst: QemuInstance } {
+  /** The live QEMU of an active VM (for the migration module, which speaks QMP through it). */
+  running(name: string): { rec: VmRecord; inst: QemuInstance } {
     const rec = this.record(name);
     const inst = this.instances.get(name);
     if (!inst || !isActive(rec.runtime)) throw new FerryError('VM_NOT_RUNNING', `VM "${name}" is ${rec.runtime.state}`);

@@ -14,6 +14,7 @@ import { setup } from '../setup/packages.js';
 import { formatBytes } from '../util/units.js';
 import { action, client, globals, say, type Globals } from './common.js';
 import { fail, printJson, table } from './output.js';
+import { registerBenchCommands } from './bench.js';
 import { registerLabCommands } from './lab.js';
 import { registerVmCommands } from './vm.js';
 
@@ -151,6 +152,7 @@ program
 
 registerVmCommands(program);
 registerLabCommands(program);
+registerBenchCommands(program);
 
 program
   .command('demo')

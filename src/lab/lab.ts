@@ -96,6 +96,8 @@ export interface UpOptions {
   agents?: boolean;
   /** first two octets of the lab's address blocks */
   base?: string;
+  /** schedule the profile's outage (if any) from now; the benchmark schedules its own */
+  scheduleOutage?: boolean;
   say?: (m: string) => void;
 }
 
@@ -182,7 +184,7 @@ export async function labUp(o: UpOptions = {}): Promise<LabState> {
       }
       fs.writeFileSync(stateFile(name), JSON.stringify(state, null, 2));
     }
-    if (prof.outage) {
+    if (prof.outage && o.scheduleOutage !== false) {
       await labCut(name, { seconds: prof.outage.seconds, flap: prof.outage.flap, inSeconds: prof.outage.afterSeconds });
       say(`outage scheduled: ${prof.outage.seconds} s starting in ${prof.outage.afterSeconds} s${prof.outage.flap ? ' (flap: flows forgotten)' : ''}`);
     }

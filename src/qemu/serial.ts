@@ -12,6 +12,8 @@ export interface GuestStats {
   heartbeats: number;
   lastHeartbeat: number;
   lastHeartbeatAt: number | null;
+  /** host time of the first heartbeat seen since attach (a migration destination's first sign of life) */
+  firstHeartbeatAt: number | null;
   /** Largest gap between consecutive heartbeat lines (host ms) since the last reset. */
   maxGapMs: number;
   maxGapAt: number | null;
@@ -20,7 +22,7 @@ export interface GuestStats {
 }
 
 export function emptyStats(): GuestStats {
-  return { ready: false, heartbeats: 0, lastHeartbeat: 0, lastHeartbeatAt: null, maxGapMs: 0, maxGapAt: null, lastDurableSeq: 0, rootLine: null };
+  return { ready: false, heartbeats: 0, lastHeartbeat: 0, lastHeartbeatAt: null, firstHeartbeatAt: null, maxGapMs: 0, maxGapAt: null, lastDurableSeq: 0, rootLine: null };
 }
 
 /** Folds one console line (received at host time `at`) into the stats. Pure; unit tested. */
@@ -35,6 +37,7 @@ export function foldLine(s: GuestStats, line: string, at: number): void {
       }
     }
     s.heartbeats++;
+    s.firstHeartbeatAt ??= at;
     s.lastHeartbeat = Number(m[1]);
     s.lastHeartbeatAt = at;
   } else if ((m = /FERRY-DURABLE (\d+)/.exec(line))) {

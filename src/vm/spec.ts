@@ -59,6 +59,7 @@ export interface VmSpec {
  *   stopped --start--> starting --QEMU up--> running <--pause/resume--> paused
  *   running|paused --stop--> stopping --QEMU gone--> stopped
  *   starting|running|paused|stopping --QEMU died unexpectedly--> crashed --start--> starting
+ *   (destination) incoming --migration completed--> running;  (source) running --migrated--> stopped
  */
 export type VmRuntime =
   | { state: 'stopped'; reason?: string }
@@ -66,12 +67,13 @@ export type VmRuntime =
   | { state: 'running'; pid: number; startedAt: number }
   | { state: 'paused'; pid: number; startedAt: number }
   | { state: 'stopping'; pid: number; startedAt: number }
+  | { state: 'incoming'; pid: number; startedAt: number; from?: string }
   | { state: 'crashed'; reason: string; at: number };
 
 export type VmState = VmRuntime['state'];
 
 export function isActive(r: VmRuntime): r is Extract<VmRuntime, { pid: number }> {
-  return r.state === 'running' || r.state === 'paused' || r.state === 'stopping';
+  return r.state === 'running' || r.state === 'paused' || r.state === 'stopping' || r.state === 'incoming';
 }
 
 export function validateName(name: unknown): string {

@@ -1,0 +1,217 @@
+// Why this file exists: `ferry bench migrate` — one migration run on the WAN lab, measured the
+// same way for every contender: total time, guest-seen downtime (largest heartbeat gap, host
+// clock, across both hosts), QEMU's own downtime figure, wire bytes per direction (the
+// emulator's counters), link-limit time, and integrity (destination disks equal the source's
+// final disks except where the guest wrote after the switchover, and the guest checker finds
+// every record the guest reported durable before it). Every run is bounded by a timeout and a
+// failed run is recorded as failed, never dropped.
+//
+// Contenders: QEMU native (libvirt-style) with a named tuning; Ferry's own migration joins when
+// it exists (the migration issue) — until then a Ferry row is recorded as "not implemented".
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { MigrationJob } from '../agent/native-migration.js';
+import type { VmView } from '../agent/vms.js';
+import type { AgentClient } from '../cli/client.js';
+import { GUEST_IMAGE } from '../config.js';
+import { readImage } from '../image/catalog.js';
+import { checkDisk } from '../image/check-disk.js';
+import { labClient, labCut, labDown, labUp, relayCommand, type LabState } from '../lab/lab.js';
+import { profile as getProfile } from '../lab/profiles.js';
+import type { RelayStatus } from '../lab/relay.js';
+import type { GuestStats } from '../qemu/serial.js';
+import { run } from '../util/exec.js';
+import { NATIVE_VARIANTS, makeDataDisk, type Scenario } from './scenario.js';
+
+export interface Sample {
+  t: number;
+  wireFwd: number;
+  wireRev: number;
+  phase: string;
+}
+
+export interface RunResult {
+  contender: string;
+  ok: boolean;
+  error?: string;
+  totalSec?: number;
+  guestDowntimeMs?: number;
+  qemuDowntimeMs?: number;
+  wireBytesFwd?: number;
+  wireBytesRev?: number;
+  linkLimitSec?: number;
+  integrity?: { disksEqual: boolean; differingBlocks: number; recordsOk: boolean; durableSeq: number; detail: string };
+  samples: Sample[];
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const VM = 'bench';
+
+async function poll<T>(what: string, ms: number, everyMs: number, fn: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${Math.round(ms / 1000)} s waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+function wire(r: RelayStatus): { fwd: number; rev: number } {
+  return { fwd: r.directions['1>2']!.counters.bytes, rev: r.directions['2>1']!.counters.bytes };
+}
+
+/** Compares two disk images 4 KiB block by block, ignoring `allowed` extents. */
+async function compareDisks(a: string, b: string, allowed: { offset: number; length: number }[]): Promise<number> {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-cmp-'));
+  try {
+    const ra = path.join(tmp, 'a.raw');
+    const rb = path.join(tmp, 'b.raw');
+    await run('qemu-img', ['convert', '-U', '-O', 'raw', a, ra]);
+    await run('qemu-img', ['convert', '-U', '-O', 'raw', b, rb]);
+    const fa = fs.openSync(ra, 'r');
+    const fb = fs.openSync(rb, 'r');
+    const size = Math.max(fs.fstatSync(fa).size, fs.fstatSync(fb).size);
+    const skip = (off: number) => allowed.some((e) => off >= e.offset && off < e.offset + e.length);
+    const CH = 4 << 20;
+    const ba = Buffer.alloc(CH);
+    const bb = Buffer.alloc(CH);
+    let differing = 0;
+    for (let off = 0; off < size; off += CH) {
+      const na = fs.readSync(fa, ba, 0, CH, off);
+      const nb = fs.readSync(fb, bb, 0, CH, off);
+      if (na === nb && ba.subarray(0, na).equals(bb.subarray(0, nb))) continue;
+      for (let o = 0; o < Math.max(na, nb); o += 4096) {
+        if (!ba.subarray(o, o + 4096).equals(bb.subarray(o, o + 4096)) && !skip(off + o)) differing++;
+      }
+    }
+    fs.closeSync(fa);
+    fs.closeSync(fb);
+    return differing;
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+export async function runNative(lab: LabState, s: Scenario, variant: string, say: (m: string) => void): Promise<RunResult> {
+  const tuning = NATIVE_VARIANTS[variant];
+  if (!tuning) throw new Error(`unknown native variant ${variant} (known: ${Object.keys(NATIVE_VARIANTS).join(', ')})`);
+  const contender = `native/${variant}`;
+  const [h1, h2] = lab.hosts as [LabState['hosts'][0], LabState['hosts'][0]];
+  const src: AgentClient = labClient(h1);
+  const dst: AgentClient = labClient(h2);
+  const prof = getProfile(s.profile);
+  const samples: Sample[] = [];
+  const result: RunResult = { contender, ok: false, samples };
+  const image = readImage(JSON.parse(fs.readFileSync(path.join(h1.dataDir, 'agent.json'), 'utf8')).imagesDir, GUEST_IMAGE);
+  try {
+    // The VM: system disk overlay on the template (both hosts have it), data disk with used data.
+    const dataFile = path.join(h1.dataDir, 'import', `data-${s.seed}-${variant}.qcow2`);
+    say(`  preparing a ${Math.round(s.diskBytes / 2 ** 20)} MiB data disk with ${Math.round(s.usedBytes / 2 ** 20)} MiB used`);
+    await makeDataDisk(dataFile, s, image.root);
+    await src.post('/v1/vms', { name: VM, image: GUEST_IMAGE, memoryMiB: s.memoryMiB, disks: [{ file: dataFile }], workload: { heartbeatHz: 10, writeRate: s.writeRate, seed: s.seed, dirtyMiB: s.dirtyMiB } });
+    await src.post(`/v1/vms/${VM}/start`);
+    await poll('the guest to boot', 180_000, 500, async () => ((await src.get<GuestStats>(`/v1/vms/${VM}/guest`)).ready ? true : undefined));
+    await sleep(5000);
+    const spec = (await src.get<VmView>(`/v1/vms/${VM}`)).spec;
+
+    await relayCommand(lab, { op: 'reset' });
+    const t0 = Date.now();
+    say(`  ${contender}: migrating h1 → h2 (${prof.description})`);
+    await dst.post('/v1/migrations/native/incoming', { spec, from: h1.name, listenHost: h2.wanIp, nbdPort: 10809, migratePort: 4444, tuning });
+    await dst.post(`/v1/migrations/native/incoming/${VM}/finish`, { timeoutMs: s.timeoutSec * 1000 });
+    await src.post(`/v1/vms/${VM}/migrate/native`, { host: h2.wanIp, nbdPort: 10809, migratePort: 4444, tuning, timeoutMs: s.timeoutSec * 1000, to: h2.name });
+    if (prof.outage) {
+      await labCut(lab.name, { seconds: prof.outage.seconds, flap: prof.outage.flap, inSeconds: prof.outage.afterSeconds });
+      say(`  outage of ${prof.outage.seconds} s scheduled at t+${prof.outage.afterSeconds} s${prof.outage.flap ? ' (flap)' : ''}`);
+    }
+    let lastLog = 0;
+    const job = await poll<MigrationJob>('the migration', s.timeoutSec * 1000 + 30_000, 1000, async () => {
+      const j = await src.get<MigrationJob>(`/v1/vms/${VM}/migration`);
+      const w = wire(await relayCommand(lab, { op: 'status' }));
+      const t = (Date.now() - t0) / 1000;
+      samples.push({ t, wireFwd: w.fwd, wireRev: w.rev, phase: j.progress?.phase ?? 'start' });
+      if (t - lastLog >= 30) {
+        lastLog = t;
+        const p = j.progress;
+        say(`  t+${t.toFixed(0)}s ${p?.phase ?? '-'} mirror ${Math.round((p?.mirrorDone ?? 0) / 2 ** 20)}/${Math.round((p?.mirrorTotal ?? 0) / 2 ** 20)} MiB, ram ${Math.round((p?.ram?.transferred ?? 0) / 2 ** 20)} MiB, wire ${Math.round(w.fwd / 2 ** 20)} MiB${p?.ram?.throttle ? `, CPU throttle ${p.ram.throttle} %` : ''}`);
+      }
+      return j.state === 'running' ? undefined : j;
+    });
+    const w = wire(await relayCommand(lab, { op: 'status' }));
+    if (job.state !== 'completed') throw new Error(job.error ?? 'migration failed');
+    result.totalSec = (Date.now() - t0) / 1000;
+    result.qemuDowntimeMs = job.result!.qemuDowntimeMs;
+    result.wireBytesFwd = w.fwd;
+    result.wireBytesRev = w.rev;
+    result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
+
+    // Guest-seen downtime: the largest heartbeat gap on either host, and across the switch.
+    const dj = await poll('the destination to resume', 60_000, 100, async () => {
+      const j = await dst.get<MigrationJob>(`/v1/vms/${VM}/migration`);
+      if (j.state === 'failed') throw new Error(`destination: ${j.error}`);
+      return j.state === 'completed' ? j : undefined;
+    });
+    void dj;
+    const dstStats = await poll('heartbeats on the destination', 60_000, 200, async () => {
+      const g = await dst.get<GuestStats>(`/v1/vms/${VM}/guest`);
+      return g.heartbeats >= 20 ? g : undefined;
+    });
+    const srcFinal = job.final!;
+    const across = dstStats.firstHeartbeatAt! - srcFinal.lastHeartbeatAt!;
+    result.guestDowntimeMs = Math.max(srcFinal.maxGapMs, across, dstStats.maxGapMs);
+    say(`  done in ${result.totalSec.toFixed(0)} s; guest saw a ${Math.round(result.guestDowntimeMs)} ms gap (QEMU says ${result.qemuDowntimeMs} ms); wire ${Math.round(w.fwd / 2 ** 20)} MiB`);
+
+    // Integrity.
+    const dirty = await dst.post<Record<string, { offset: number; length: number }[]>>(`/v1/vms/${VM}/dirty-since-switchover`);
+    await dst.post(`/v1/vms/${VM}/stop`, { force: true });
+    let differing = 0;
+    const details: string[] = [];
+    for (const d of spec.disks) {
+      const a = d.file.startsWith('/') ? d.file : path.join(h1.dataDir, 'vms', VM, d.file);
+      const b = path.join(h2.dataDir, 'vms', VM, `${d.id}.qcow2`);
+      const n = await compareDisks(a, b, dirty[d.id] ?? []);
+      differing += n;
+      details.push(`${d.id}: ${n} differing 4 KiB blocks outside ${(dirty[d.id] ?? []).length} post-switchover extents`);
+    }
+    const durableSeq = job.atSwitchover?.lastDurableSeq ?? 0;
+    const check = await checkDisk(image.tool, path.join(h2.dataDir, 'vms', VM, 'vdb.qcow2'), s.seed, durableSeq);
+    result.integrity = { disksEqual: differing === 0, differingBlocks: differing, recordsOk: check.ok, durableSeq, detail: `${details.join('; ')}; ${check.output.split('\n').pop()}` };
+    result.ok = differing === 0 && check.ok;
+    if (!result.ok) result.error = `integrity: ${result.integrity.detail}`;
+    say(`  integrity: ${result.ok ? 'OK' : 'FAILED'} (${result.integrity.detail})`);
+  } catch (e) {
+    result.ok = false;
+    result.error = (e as Error).message;
+    say(`  ${contender} FAILED: ${result.error}`);
+  } finally {
+    await src.del(`/v1/vms/${VM}?force=true`).catch(() => {});
+    await dst.del(`/v1/vms/${VM}?force=true`).catch(() => {});
+  }
+  return result;
+}
+
+export interface BenchReport {
+  scenario: Scenario;
+  startedAt: string;
+  host: { cpus: number; kernel: string };
+  runs: RunResult[];
+}
+
+export async function benchMigrate(s: Scenario, o: { variants: string[]; ferry: boolean; say: (m: string) => void }): Promise<BenchReport> {
+  const report: BenchReport = { scenario: s, startedAt: new Date().toISOString(), host: { cpus: os.cpus().length, kernel: os.release() }, runs: [] };
+  for (const variant of o.variants) {
+    await labDown('bench', { force: true });
+    const lab = await labUp({ name: 'bench', base: '10.220', profile: s.profile, seed: s.seed, cc: s.cc, scheduleOutage: false, say: () => {} });
+    try {
+      report.runs.push(await runNative(lab, s, variant, o.say));
+    } finally {
+      await labDown('bench', { force: true });
+    }
+  }
+  if (o.ferry) {
+    report.runs.push({ contender: 'ferry', ok: false, error: "not implemented yet: Ferry's own migration is the open migration issue", samples: [] });
+  }
+  return report;
+}

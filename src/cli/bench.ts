@@ -1,0 +1,56 @@
+// Why this file exists: `ferry bench …` commands (the benchmarks live in src/bench/).
+import type { Command } from 'commander';
+import path from 'node:path';
+import { benchMigrate } from '../bench/migrate.js';
+import { writeReport, markdownTable } from '../bench/report.js';
+import { NATIVE_VARIANTS, type Scenario } from '../bench/scenario.js';
+import { FerryError } from '../errors.js';
+import { PROFILES } from '../lab/profiles.js';
+import { parseSize } from '../util/units.js';
+import { action, globals, say } from './common.js';
+import { printJson } from './output.js';
+
+export function registerBenchCommands(program: Command): void {
+  const bench = program.command('bench').description('benchmarks on the WAN lab (results: JSON, markdown table, SVG plot)');
+  bench
+    .command('migrate')
+    .description('migrate a VM with its workload across the emulated WAN: QEMU native (libvirt-style) vs Ferry, same link, same run')
+    .option('--profile <name>', `link profile: ${Object.keys(PROFILES).join(', ')}`, 'wan-10')
+    .option('--vs <what>', 'baseline: native', 'native')
+    .option('--native-variants <list>', `native tunings to try, comma-separated, or "all": ${Object.keys(NATIVE_VARIANTS).join(', ')}`, 'multifd-zstd')
+    .option('--memory <size>', 'VM memory', '256M')
+    .option('--disk <size>', 'data disk size', '512M')
+    .option('--used <size>', 'data already on the data disk', '150M')
+    .option('--write-rate <rate>', 'guest disk writes per second', '100K')
+    .option('--dirty <size>', 'guest RAM rewritten continuously', '16M')
+    .option('--cc <algo>', 'TCP congestion control on both ends: cubic or bbr', 'cubic')
+    .option('--seed <n>', 'seed (emulator and data)', '1')
+    .option('--timeout <s>', 'per-run limit; a run past it is recorded as failed', '1800')
+    .option('--out <dir>', 'results folder', 'bench-results')
+    .action(
+      action(async (o: Record<string, string>, cmd: Command) => {
+        if (o.vs !== 'native') throw new FerryError('INVALID_ARGUMENT', '--vs: only "native" is known');
+        const variants = o.nativeVariants === 'all' ? Object.keys(NATIVE_VARIANTS) : o.nativeVariants!.split(',');
+        for (const v of variants) if (!NATIVE_VARIANTS[v]) throw new FerryError('INVALID_ARGUMENT', `unknown native variant ${v}`);
+        if (!PROFILES[o.profile!]) throw new FerryError('INVALID_ARGUMENT', `unknown profile ${o.profile}`);
+        const s: Scenario = {
+          profile: o.profile!,
+          memoryMiB: Math.round(parseSize(o.memory!) / 2 ** 20),
+          diskBytes: parseSize(o.disk!),
+          usedBytes: parseSize(o.used!),
+          writeRate: parseSize(o.writeRate!),
+          dirtyMiB: Math.round(parseSize(o.dirty!) / 2 ** 20),
+          seed: Number(o.seed),
+          cc: o.cc as 'cubic' | 'bbr',
+          timeoutSec: Number(o.timeout),
+        };
+        const g = globals(cmd);
+        const r = await benchMigrate(s, { variants, ferry: true, say: g.json ? () => {} : say });
+        const dir = path.join(o.out!, `migrate-${s.profile}-${r.startedAt.replace(/[:.]/g, '-')}`);
+        const files = writeReport(r, dir);
+        if (g.json) printJson({ ...r, files });
+        else say(`\n${markdownTable(r)}\n\nresults: ${files.json}, ${files.md}, ${files.svg}`);
+        if (r.runs.some((x) => !x.ok && x.contender.startsWith('native/'))) process.exitCode = 1;
+      }),
+    );
+}
