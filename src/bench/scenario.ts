@@ -55,12 +55,18 @@ export async function makeDataDisk(file: string, s: Pick<Scenario, 'diskBytes' |
           k += h.length;
         }
       } else {
-        // Skip the template's empty regions: take the i-th non-zero 64 KiB window.
-        let pos = ((i * 7919 * CH) % Math.max(CH, tplSize - CH)) - (((i * 7919 * CH) % Math.max(CH, tplSize - CH)) % CH);
-        for (let tries = 0; tries < 64; tries++) {
+        // Skip the template's empty regions: a window whose every 4 KiB block holds data, so
+        // the disk really has `usedBytes` allocated.
+        const span = Math.max(CH, tplSize - CH);
+        let pos = (i * 7919 * CH) % span;
+        pos -= pos % CH;
+        for (let tries = 0; tries < 256; tries++) {
           fs.readSync(tfd, buf, 0, CH, pos);
-          if (buf.some((b) => b !== 0)) break;
-          pos = (pos + 37 * CH) % Math.max(CH, tplSize - CH);
+          let full = true;
+          for (let b = 0; b < CH && full; b += 4096) full = buf.subarray(b, b + 4096).some((x) => x !== 0);
+          if (full) break;
+          pos = (pos + 37 * CH) % span;
+          pos -= pos % CH;
         }
       }
       fs.writeSync(fd, buf, 0, Math.min(CH, s.usedBytes - off), off);

@@ -2,6 +2,8 @@
 import type { Command } from 'commander';
 import path from 'node:path';
 import { benchMigrate } from '../bench/migrate.js';
+import { benchTransport } from '../bench/transport.js';
+import fs from 'node:fs';
 import { writeReport, markdownTable } from '../bench/report.js';
 import { NATIVE_VARIANTS, type Scenario } from '../bench/scenario.js';
 import { FerryError } from '../errors.js';
@@ -51,6 +53,39 @@ export function registerBenchCommands(program: Command): void {
         if (g.json) printJson({ ...r, files });
         else say(`\n${markdownTable(r)}\n\nresults: ${files.json}, ${files.md}, ${files.svg}`);
         if (r.runs.some((x) => !x.ok && x.contender.startsWith('native/'))) process.exitCode = 1;
+      }),
+    );
+
+  bench
+    .command('transport')
+    .description("push the guest's root disk from h1 to h2 over the emulated link: Ferry's transport vs one plain TCP stream, same run")
+    .option('--profile <name>', `link profile: ${Object.keys(PROFILES).join(', ')}`, 'wan-10')
+    .option('--size <bytes>', 'how much of the corpus to send', '64M')
+    .option('--corpus <kind>', 'root (the guest root disk: realistic) or random (incompressible: measures link use)', 'root')
+    .option('--streams <n>', 'TCP connections of the Ferry session', '16')
+    .option('--cc <algo>', 'TCP congestion control on both ends: cubic or bbr', 'cubic')
+    .option('--cut <at:seconds[:flap]>', 'an outage during the transfer, e.g. 10:60 or 10:20:flap')
+    .option('--only <mode>', 'ferry or plain (default: both)')
+    .option('--timeout <s>', 'per-run limit', '1800')
+    .option('--out <dir>', 'results folder', 'bench-results')
+    .action(
+      action(async (o: Record<string, string>, cmd: Command) => {
+        if (!PROFILES[o.profile!]) throw new FerryError('INVALID_ARGUMENT', `unknown profile ${o.profile}`);
+        let cut: { atSeconds: number; seconds: number; flap: boolean } | null = null;
+        if (o.cut) {
+          const m = /^(\d+):(\d+)(:flap)?$/.exec(o.cut);
+          if (!m) throw new FerryError('INVALID_ARGUMENT', '--cut takes AT:SECONDS or AT:SECONDS:flap');
+          cut = { atSeconds: Number(m[1]), seconds: Number(m[2]), flap: !!m[3] };
+        }
+        const modes = o.only ? [o.only as 'ferry' | 'plain'] : (['ferry', 'plain'] as const).slice();
+        const g = globals(cmd);
+        const r = await benchTransport({ corpus: o.corpus === 'random' ? 'random' : 'root', profile: o.profile!, bytes: parseSize(o.size!), streams: Number(o.streams), cc: o.cc as 'cubic' | 'bbr', cut, timeoutSec: Number(o.timeout), modes: [...modes], say: g.json ? () => {} : say });
+        const dir = path.join(o.out!, `transport-${o.profile}-${r.startedAt.replace(/[:.]/g, '-')}`);
+        fs.mkdirSync(dir, { recursive: true });
+        fs.writeFileSync(path.join(dir, 'result.json'), JSON.stringify(r, null, 2));
+        if (g.json) printJson(r);
+        else say(`results: ${path.join(dir, 'result.json')}`);
+        if (r.runs.some((x) => !x.ok)) process.exitCode = 1;
       }),
     );
 }

@@ -120,9 +120,31 @@ agent
     }),
   );
 
-program
-  .command('host')
-  .description('this host')
+const host = program.command('host').description('this host, and the hosts it trusts');
+host
+  .command('trust <name> <url>')
+  .description("pin a peer host's certificate fingerprint (like ssh's known_hosts); transport connections to or from any other certificate are refused")
+  .requiredOption('--fingerprint <sha256>', "the peer's fingerprint, as its `ferry host info` shows it")
+  .action(
+    action(async (name: string, url: string, o: { fingerprint: string }, cmd: Command) => {
+      const { trustHost } = await import('../transport/tls.js');
+      const e = trustHost(globals(cmd).dataDir, { name, url, fingerprint: o.fingerprint });
+      if (globals(cmd).json) printJson(e);
+      else say(`trusted ${e.name} (${e.url}) ${e.fingerprint}`);
+    }),
+  );
+host
+  .command('trusted')
+  .description('list pinned peer hosts')
+  .action(
+    action(async (_o: unknown, cmd: Command) => {
+      const { readTrust } = await import('../transport/tls.js');
+      const list = readTrust(globals(cmd).dataDir);
+      if (globals(cmd).json) printJson(list);
+      else say(table(list.map((x) => ({ ...x })), ['name', 'url', 'fingerprint', 'addedAt']));
+    }),
+  );
+host
   .command('info')
   .description('show the agent host: accelerator (KVM/TCG), versions, identity')
   .action(

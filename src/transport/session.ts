@@ -1,0 +1,428 @@
+// Why this file exists: one transport session (protocol.ts has the spec and the state diagram).
+// It owns the sequence numbers, the window of unacknowledged frames, the in-order reassembly on
+// receive, and the set of connections it stripes frames over. Connections come and go (endpoint.ts
+// dials and accepts them); the session survives as long as one returns within resumeLimitMs.
+//
+// Exactly-once, in order: every DATA frame has a seq; the receiver delivers seq = delivered+1 and
+// drops anything ≤ delivered or already buffered. A frame stays in `unacked` until the peer's
+// cumulative ack passes it; when its connection dies it is queued again (a resend).
+import { EventEmitter } from 'node:events';
+import type { Duplex } from 'node:stream';
+import { FerryError } from '../errors.js';
+import { Decoder, encode, FrameType, PRIORITY, type Frame } from './protocol.js';
+import { ContentCache, expand, reduce, type ReduceOptions } from './reduce.js';
+import type { TokenBucket } from './limiter.js';
+
+export interface SessionOptions {
+  windowBytes: number;
+  resumeLimitMs: number;
+  /** a connection that received nothing for this long is presumed dead (blackholed) */
+  idleTimeoutMs: number;
+  pingMs: number;
+  reduce: ReduceOptions;
+  cacheBytes: number;
+  limiter?: TokenBucket;
+  /** content held outside the session (templates, backups) for REFs the peer was told about */
+  external?: (hash: Buffer) => Buffer | undefined;
+}
+
+export const DEFAULT_SESSION: SessionOptions = {
+  windowBytes: 32 << 20,
+  resumeLimitMs: 10 * 60_000,
+  idleTimeoutMs: 8000,
+  pingMs: 1000,
+  reduce: { compress: true, level: 3, dedup: true },
+  cacheBytes: 256 << 20,
+};
+
+export interface SessionStats {
+  messagesSent: number;
+  payloadBytesSent: number;
+  framesSent: number;
+  framesResent: number;
+  wireBytesSent: number;
+  messagesReceived: number;
+  duplicatesDropped: number;
+  zeroFrames: number;
+  refFrames: number;
+  stalls: number;
+  connectionsLost: number;
+  /** smoothed RTT of pings (includes queueing behind data) */
+  rttMs: number;
+  /** smallest ping RTT seen: the path's own delay, without our queues */
+  minRttMs: number;
+}
+
+interface Outgoing {
+  frame: Frame;
+  size: number;
+  conn: Conn | null;
+  sentOnce: boolean;
+}
+
+class Conn {
+  readonly decoder = new Decoder();
+  readonly inflight = new Set<bigint>();
+  lastRx = Date.now();
+  timer: NodeJS.Timeout | undefined;
+  constructor(readonly sock: Duplex, readonly id: number) {}
+}
+
+const HIGH_WATER = 512 * 1024;
+/**
+ * A connection that has received nothing (no ack, no pong) for this long gets no new frames:
+ * when a link blackholes, connections die one by one, and frames moved onto the next silent
+ * one would only have to move again.
+ */
+const SUSPECT_MS = 3500;
+
+export class Session extends EventEmitter {
+  state: 'open' | 'stalled' | 'closed' = 'stalled';
+  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0 };
+  private readonly conns = new Set<Conn>();
+  private connIds = 0;
+  private nextSeq = 1n;
+  private readonly unacked = new Map<bigint, Outgoing>();
+  private unackedBytes = 0;
+  private readonly queues: bigint[][] = [[], [], [], []];
+  private windowWaiters: (() => void)[] = [];
+  /** highest seq such that every DATA frame up to it was received (what we ack) */
+  received = 0n;
+  private readonly rxAbove = new Set<bigint>();
+  private readonly chanNextTx = new Map<number, bigint>();
+  private readonly chanNextRx = new Map<number, bigint>();
+  private readonly chanPending = new Map<number, Map<bigint, Frame>>();
+  private ackTimer: NodeJS.Timeout | undefined;
+  private resumeTimer: NodeJS.Timeout | undefined;
+  private pumpTimer: NodeJS.Timeout | undefined;
+  private readonly peerCache: ContentCache;
+  private readonly myCache: ContentCache;
+  /** acked bytes/s (EWMA over ~1 s samples), for the window */
+  private ackRate = 0;
+  private ackedSince = 0;
+  private ackSampleAt = performance.now();
+
+  constructor(readonly id: string, readonly opts: SessionOptions) {
+    super();
+    this.peerCache = new ContentCache(opts.cacheBytes, false);
+    this.myCache = new ContentCache(opts.cacheBytes, true);
+    this.armResumeLimit();
+  }
+
+  /** Tells the sender side that the peer holds this content (a have/want exchange's result). */
+  peerHolds(hash: Buffer): void {
+    this.peerCache.advertise(hash);
+  }
+
+  /** A method, not a field read, so callers re-check after an await. */
+  isClosed(): boolean {
+    return this.state === 'closed';
+  }
+
+  get connections(): number {
+    return this.conns.size;
+  }
+
+  /** Queues one message; resolves once it is inside the window (backpressure). */
+  async send(channel: number, msg: Buffer): Promise<void> {
+    if (this.state === 'closed') throw new FerryError('TRANSPORT_CLOSED', 'transport session is closed');
+    while (this.unackedBytes > 0 && this.unackedBytes + msg.length > this.window()) {
+      await new Promise<void>((r) => this.windowWaiters.push(r));
+      if (this.isClosed()) throw new FerryError('TRANSPORT_CLOSED', 'transport session closed while sending');
+    }
+    const r = reduce(msg, this.opts.reduce, this.peerCache);
+    const seq = this.nextSeq++;
+    const cseq = this.chanNextTx.get(channel) ?? 1n;
+    this.chanNextTx.set(channel, cseq + 1n);
+    const frame: Frame = { type: FrameType.DATA, channel, flags: r.flags, seq, ack: 0n, cseq, payload: r.payload };
+    this.unacked.set(seq, { frame, size: r.payload.length, conn: null, sentOnce: false });
+    this.unackedBytes += r.payload.length;
+    this.stats.messagesSent++;
+    this.stats.payloadBytesSent += msg.length;
+    if (r.flags & 4) this.stats.zeroFrames++;
+    if (r.flags & 8) this.stats.refFrames++;
+    this.queues[PRIORITY[channel] ?? 3]!.push(seq);
+    this.pump();
+  }
+
+  /**
+   * How many unacked bytes may be outstanding: 4 × the measured bandwidth-delay product, at
+   * least 2 MiB, at most windowBytes. Keeping only that much in the sockets keeps what must be
+   * resent after a connection dies small, without starving the link.
+   */
+  window(): number {
+    // The minimum RTT, not the smoothed one: pings wait behind our own queued data, and a
+    // window sized from that inflated figure would only feed the queue it measures.
+    const rtt = Math.max(this.stats.minRttMs, 10) / 1000;
+    const bdp = this.ackRate * rtt;
+    return Math.min(this.opts.windowBytes, Math.max(2 << 20, 4 * bdp));
+  }
+
+  /** Resolves when everything sent so far is acknowledged by the peer. */
+  async flush(): Promise<void> {
+    while (this.unacked.size) {
+      if (this.state === 'closed') throw new FerryError('TRANSPORT_CLOSED', 'transport session closed before flush');
+      await new Promise<void>((r) => this.windowWaiters.push(r));
+    }
+  }
+
+  /** Frames received above the cumulative point (a selective ack for the handshake). */
+  receivedAbove(max = 4096): string[] {
+    return [...this.rxAbove].slice(0, max).map(String);
+  }
+
+  /**
+   * Adds a handshaken connection; `peerRecv` is the peer's cumulative receive point and
+   * `peerAbove` the frames it holds beyond it (those are not sent again).
+   */
+  attach(sock: Duplex, peerRecv: bigint, peerAbove: bigint[] = []): void {
+    if (this.state === 'closed') {
+      sock.destroy();
+      return;
+    }
+    const c = new Conn(sock, ++this.connIds);
+    this.conns.add(c);
+    this.onAck(peerRecv);
+    for (const seq of peerAbove) this.ackOne(seq);
+    sock.on('data', (d: Buffer) => this.onData(c, d));
+    sock.on('close', () => this.detach(c));
+    sock.on('error', () => sock.destroy());
+    c.timer = setInterval(() => {
+      if (Date.now() - c.lastRx > this.opts.idleTimeoutMs) sock.destroy();
+      else this.write(c, { type: FrameType.PING, channel: 0, flags: 0, seq: 0n, ack: this.received, payload: stamp() });
+    }, this.opts.pingMs);
+    if (this.state === 'stalled') {
+      this.state = 'open';
+      if (this.resumeTimer) clearTimeout(this.resumeTimer);
+      this.emit('resume', { connections: this.conns.size });
+    }
+    (sock as Duplex & { setNoDelay?: (b: boolean) => void }).setNoDelay?.(true);
+    sock.on('drain', () => this.pump());
+    this.pump();
+  }
+
+  close(reason = 'closed'): void {
+    if (this.state === 'closed') return;
+    for (const c of this.conns) this.write(c, { type: FrameType.CLOSE, channel: 0, flags: 0, seq: 0n, ack: this.received, payload: Buffer.from(JSON.stringify({ reason })) });
+    this.shutdown(reason);
+  }
+
+  private shutdown(reason: string): void {
+    this.state = 'closed';
+    for (const c of this.conns) {
+      clearInterval(c.timer);
+      c.sock.end();
+      setTimeout(() => c.sock.destroy(), 1000).unref();
+    }
+    this.conns.clear();
+    for (const t of [this.ackTimer, this.resumeTimer, this.pumpTimer]) if (t) clearTimeout(t);
+    this.wakeWindow();
+    this.emit('close', reason);
+  }
+
+  private detach(c: Conn): void {
+    if (!this.conns.delete(c)) return;
+    clearInterval(c.timer);
+    let requeued = 0;
+    for (const seq of c.inflight) {
+      const o = this.unacked.get(seq);
+      if (o && o.conn === c) {
+        requeued++;
+        o.conn = null;
+        this.queues[PRIORITY[o.frame.channel] ?? 3]!.unshift(seq);
+      }
+    }
+    c.inflight.clear();
+    if (this.state === 'closed') return;
+    this.stats.connectionsLost++;
+    this.emit('connection-lost', { connections: this.conns.size, inflight: requeued });
+    if (this.conns.size === 0 && this.state === 'open') {
+      this.state = 'stalled';
+      this.stats.stalls++;
+      this.emit('stall');
+      this.armResumeLimit();
+    }
+    this.pump();
+  }
+
+  private armResumeLimit(): void {
+    if (this.resumeTimer) clearTimeout(this.resumeTimer);
+    this.resumeTimer = setTimeout(() => {
+      if (this.state !== 'open') this.shutdown(`no connection for ${this.opts.resumeLimitMs} ms`);
+    }, this.opts.resumeLimitMs);
+    this.resumeTimer.unref();
+  }
+
+  private write(c: Conn, f: Frame): boolean {
+    const b = encode(f);
+    this.stats.wireBytesSent += b.length;
+    return c.sock.write(b);
+  }
+
+  private pick(): Conn | null {
+    let best: Conn | null = null;
+    let suspect = false;
+    const now = Date.now();
+    for (const c of this.conns) {
+      if (now - c.lastRx > SUSPECT_MS) {
+        suspect = true;
+        continue;
+      }
+      const w = c.sock.writableLength;
+      if (w < HIGH_WATER && (!best || w < best.sock.writableLength)) best = c;
+    }
+    // Silent connections send no 'drain' that would wake us: look again shortly.
+    if (!best && suspect && !this.pumpTimer) this.pumpTimer = setTimeout(() => ((this.pumpTimer = undefined), this.pump()), 250);
+    return best;
+  }
+
+  private pump(): void {
+    if (this.state !== 'open') return;
+    for (;;) {
+      const q = this.queues.find((x) => x.length);
+      if (!q) return;
+      const c = this.pick();
+      if (!c) return; // 'drain' calls pump again
+      const seq = q[0]!;
+      const o = this.unacked.get(seq);
+      if (!o || o.conn) {
+        q.shift();
+        continue;
+      }
+      const wait = this.opts.limiter?.take(o.size + 32) ?? 0;
+      if (wait > 0) {
+        if (!this.pumpTimer) this.pumpTimer = setTimeout(() => ((this.pumpTimer = undefined), this.pump()), Math.ceil(wait));
+        return;
+      }
+      q.shift();
+      o.conn = c;
+      c.inflight.add(seq);
+      if (o.sentOnce) this.stats.framesResent++;
+      o.sentOnce = true;
+      this.stats.framesSent++;
+      this.write(c, { ...o.frame, ack: this.received });
+    }
+  }
+
+  private onData(c: Conn, d: Buffer): void {
+    c.lastRx = Date.now();
+    let frames: Frame[];
+    try {
+      frames = c.decoder.push(d);
+    } catch (e) {
+      this.emit('protocol-error', (e as Error).message);
+      c.sock.destroy();
+      return;
+    }
+    for (const f of frames) {
+      this.onAck(f.ack);
+      switch (f.type) {
+        case FrameType.DATA:
+          this.onDataFrame(f);
+          break;
+        case FrameType.PING:
+          this.write(c, { type: FrameType.PONG, channel: 0, flags: 0, seq: 0n, ack: this.received, payload: f.payload });
+          break;
+        case FrameType.PONG: {
+          const rtt = Number(process.hrtime.bigint() - f.payload.readBigUInt64BE(0)) / 1e6;
+          this.stats.rttMs = this.stats.rttMs ? this.stats.rttMs * 0.8 + rtt * 0.2 : rtt;
+          this.stats.minRttMs = this.stats.minRttMs ? Math.min(this.stats.minRttMs, rtt) : rtt;
+          break;
+        }
+        case FrameType.CLOSE:
+          this.shutdown(`peer closed: ${safeReason(f.payload)}`);
+          return;
+        case FrameType.ACK:
+          break;
+        case FrameType.HELLO:
+        case FrameType.WELCOME:
+          this.emit('protocol-error', 'handshake frame inside an open connection');
+          c.sock.destroy();
+          return;
+      }
+    }
+  }
+
+  private onDataFrame(f: Frame): void {
+    if (f.seq <= this.received || this.rxAbove.has(f.seq) || !f.cseq) {
+      this.stats.duplicatesDropped++;
+    } else {
+      this.rxAbove.add(f.seq);
+      while (this.rxAbove.delete(this.received + 1n)) this.received++;
+      let pending = this.chanPending.get(f.channel);
+      if (!pending) this.chanPending.set(f.channel, (pending = new Map()));
+      pending.set(f.cseq, f);
+      let next = this.chanNextRx.get(f.channel) ?? 1n;
+      let m: Frame | undefined;
+      while ((m = pending.get(next))) {
+        pending.delete(next);
+        next++;
+        this.chanNextRx.set(f.channel, next);
+        let msg: Buffer;
+        try {
+          msg = expand(m.flags, m.payload, this.myCache, this.opts.external);
+        } catch (e) {
+          this.close(`undecodable message ${m.seq}: ${(e as Error).message}`);
+          return;
+        }
+        this.stats.messagesReceived++;
+        this.emit('message', m.channel, msg);
+      }
+    }
+    if (!this.ackTimer) this.ackTimer = setTimeout(() => this.sendAck(), 10);
+  }
+
+  private sendAck(): void {
+    this.ackTimer = undefined;
+    let best: Conn | null = null;
+    for (const c of this.conns) if (!best || c.sock.writableLength < best.sock.writableLength) best = c;
+    if (best) this.write(best, { type: FrameType.ACK, channel: 0, flags: 0, seq: 0n, ack: this.received, payload: Buffer.alloc(0) });
+  }
+
+  private onAck(ack: bigint): void {
+    if (!this.unacked.size) return;
+    let freed = false;
+    for (const [seq] of this.unacked) {
+      if (seq > ack) break;
+      freed = this.ackOne(seq) || freed;
+    }
+    if (freed) this.wakeWindow();
+  }
+
+  private ackOne(seq: bigint): boolean {
+    const o = this.unacked.get(seq);
+    if (!o) return false;
+    this.unacked.delete(seq);
+    this.unackedBytes -= o.size;
+    o.conn?.inflight.delete(seq);
+    this.ackedSince += o.size;
+    const now = performance.now();
+    if (now - this.ackSampleAt >= 500) {
+      const rate = (this.ackedSince * 1000) / (now - this.ackSampleAt);
+      this.ackRate = this.ackRate ? this.ackRate * 0.7 + rate * 0.3 : rate;
+      this.ackedSince = 0;
+      this.ackSampleAt = now;
+    }
+    return true;
+  }
+
+  private wakeWindow(): void {
+    const w = this.windowWaiters;
+    this.windowWaiters = [];
+    for (const r of w) r();
+  }
+}
+
+function stamp(): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(process.hrtime.bigint());
+  return b;
+}
+
+function safeReason(p: Buffer): string {
+  try {
+    return String((JSON.parse(p.toString()) as { reason?: string }).reason ?? 'closed');
+  } catch {
+    return 'closed';
+  }
+}

@@ -1,0 +1,190 @@
+// Transport sessions over real TCP on loopback: striping with exactly-once in-order delivery,
+// connections killed mid-transfer, every connection lost (stall → resume), dedup and zero
+// elision, backpressure, TLS pinning both ways, forged resumes.
+import { execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { dial, listen, type Listener } from '../../src/transport/endpoint.js';
+import { encode, FrameType } from '../../src/transport/protocol.js';
+import type { Session } from '../../src/transport/session.js';
+import type { Identity } from '../../src/transport/tls.js';
+
+const listeners: Listener[] = [];
+const sessions: Session[] = [];
+afterEach(() => {
+  sessions.splice(0).forEach((s) => s.close());
+  listeners.splice(0).forEach((l) => l.close());
+});
+
+async function pair(o: { streams?: number; window?: number; clientId?: Identity; serverId?: Identity } = {}) {
+  let server!: Session;
+  const got = new Promise<Session>((r) => {
+    void listen({
+      host: '127.0.0.1',
+      port: 0,
+      security: o.serverId ? { identity: o.serverId } : { insecureLab: true },
+      session: { idleTimeoutMs: 3000, pingMs: 300 },
+      onSession: (s) => r((server = s)),
+    }).then((l) => {
+      listeners.push(l);
+      port = (l.server.address() as net.AddressInfo).port;
+      portReady();
+    });
+  });
+  let port = 0;
+  let portReady!: () => void;
+  await new Promise<void>((r) => (portReady = r));
+  const client = await dial({ host: '127.0.0.1', port, security: o.clientId ? { identity: o.clientId } : { insecureLab: true }, streams: o.streams ?? 4, session: { idleTimeoutMs: 3000, pingMs: 300, ...(o.window ? { windowBytes: o.window } : {}) } });
+  sessions.push(client);
+  await got;
+  sessions.push(server);
+  return { client, server, listener: listeners[listeners.length - 1]! };
+}
+
+function collect(s: Session): { msgs: Buffer[]; channels: number[] } {
+  const out = { msgs: [] as Buffer[], channels: [] as number[] };
+  s.on('message', (ch: number, m: Buffer) => {
+    out.msgs.push(m);
+    out.channels.push(ch);
+  });
+  return out;
+}
+
+const message = (i: number) => {
+  const b = crypto.createHash('sha512').update(String(i)).digest();
+  return Buffer.concat(Array.from({ length: 1 + (i % 40) }, () => b)); // 64 B .. 2.5 KiB, unique
+};
+
+async function waitUntil(fn: () => boolean, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!fn()) {
+    if (Date.now() > end) throw new Error('timeout');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+function sockets(l: Listener): Promise<number> {
+  return new Promise((r) => l.server.getConnections((_e, n) => r(n)));
+}
+
+describe('transport session', () => {
+  it('delivers every message exactly once, in order, over several connections', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    for (let i = 0; i < 3000; i++) await client.send(3, message(i));
+    await client.flush();
+    expect(rx.msgs.length).toBe(3000);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+    await waitUntil(() => client.connections === 4);
+  });
+
+  it('loses and duplicates nothing when connections are killed mid-transfer', async () => {
+    const { client, server, listener } = await pair({ streams: 4, window: 256 * 1024 });
+    const rx = collect(server);
+    const sending = (async () => {
+      for (let i = 0; i < 6000; i++) await client.send(3, message(i));
+    })();
+    // Kill two server-side sockets while data flows.
+    await waitUntil(() => rx.msgs.length > 500);
+    const conns: net.Socket[] = [];
+    listener.server.on('connection', () => {});
+    for (const s of (server as unknown as { conns: Set<{ sock: net.Socket }> }).conns) conns.push(s.sock);
+    conns.slice(0, 2).forEach((s) => s.destroy());
+    await sending;
+    await client.flush();
+    expect(rx.msgs.length).toBe(6000);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+    await waitUntil(() => client.connections === 4); // re-dialled
+    expect(await sockets(listener)).toBeGreaterThanOrEqual(4);
+  });
+
+  it('stalls when every connection is lost and resumes on re-dial, delivering the rest', async () => {
+    const { client, server } = await pair({ streams: 2, window: 128 * 1024 });
+    const rx = collect(server);
+    const events: string[] = [];
+    client.on('stall', () => events.push('stall'));
+    client.on('resume', () => events.push('resume'));
+    const sending = (async () => {
+      for (let i = 0; i < 3000; i++) await client.send(3, message(i));
+    })();
+    await waitUntil(() => rx.msgs.length > 300);
+    for (const c of (client as unknown as { conns: Set<{ sock: net.Socket }> }).conns) c.sock.destroy();
+    await sending;
+    await client.flush();
+    expect(rx.msgs.length).toBe(3000);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+    expect(events).toEqual(['stall', 'resume']);
+    expect(client.stats.stalls).toBe(1);
+  });
+
+  it('sends repeats as hashes and zero blocks as lengths', async () => {
+    const { client, server } = await pair({ streams: 2 });
+    const rx = collect(server);
+    const block = crypto.randomBytes(65536);
+    for (let i = 0; i < 10; i++) await client.send(3, block);
+    for (let i = 0; i < 10; i++) await client.send(3, Buffer.alloc(65536));
+    await client.flush();
+    expect(rx.msgs.every((m, i) => m.equals(i < 10 ? block : Buffer.alloc(65536)))).toBe(true);
+    expect(client.stats.refFrames).toBe(9);
+    expect(client.stats.zeroFrames).toBe(10);
+    expect(client.stats.wireBytesSent).toBeLessThan(65536 * 2);
+  });
+
+  it('sends control-channel messages ahead of queued bulk data', async () => {
+    const { client, server } = await pair({ streams: 1, window: 64 << 20 });
+    const rx = collect(server);
+    const bulk = Array.from({ length: 400 }, (_, i) => crypto.randomBytes(32 * 1024 + i));
+    const p = Promise.all(bulk.map((b) => client.send(4, b)));
+    await client.send(1, Buffer.from('urgent'));
+    await p;
+    await client.flush();
+    expect(rx.channels.indexOf(1)).toBeLessThan(rx.channels.length - 1);
+    expect(rx.msgs.length).toBe(401);
+  });
+
+  it('refuses to resume a session it does not know (forged or replayed HELLO)', async () => {
+    const { listener } = await pair({ streams: 1 });
+    const port = (listener.server.address() as net.AddressInfo).port;
+    const reply = await new Promise<Buffer>((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => s.write(encode({ type: FrameType.HELLO, channel: 0, flags: 0, seq: 0n, ack: 0n, payload: Buffer.from(JSON.stringify({ session: 'ab'.repeat(16), resume: true, recv: '5' })) })));
+      let got = Buffer.alloc(0);
+      s.on('data', (d) => (got = Buffer.concat([got, d])));
+      s.on('close', () => resolve(got));
+    });
+    expect(reply[1]).toBe(FrameType.CLOSE);
+    expect(reply.subarray(32).toString()).toContain('unknown session');
+  });
+
+  describe('mutual TLS with pinned fingerprints', () => {
+    const mk = (name: string) => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), `ferry-id-${name}-`));
+      execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2', '-subj', `/CN=${name}`, '-keyout', `${dir}/k`, '-out', `${dir}/c`], { stdio: 'ignore' });
+      const cert = fs.readFileSync(`${dir}/c`, 'utf8');
+      return { key: fs.readFileSync(`${dir}/k`, 'utf8'), cert, fp: new crypto.X509Certificate(cert).fingerprint256 };
+    };
+    const a = mk('a');
+    const b = mk('b');
+    const c = mk('c');
+    const id = (me: typeof a, trust: string[]): Identity => ({ key: me.key, cert: me.cert, trusted: (fp) => trust.includes(fp) });
+
+    it('connects when each side pins the other', async () => {
+      const { client, server } = await pair({ streams: 2, clientId: id(a, [b.fp]), serverId: id(b, [a.fp]) });
+      const rx = collect(server);
+      await client.send(1, Buffer.from('hello over TLS'));
+      await client.flush();
+      expect(rx.msgs[0]!.toString()).toBe('hello over TLS');
+    });
+
+    it('refuses a server whose certificate is not pinned', async () => {
+      await expect(pair({ clientId: id(a, [c.fp]), serverId: id(b, [a.fp]) })).rejects.toMatchObject({ code: 'PEER_UNTRUSTED' });
+    });
+
+    it('refuses a client whose certificate is not pinned', async () => {
+      await expect(pair({ clientId: id(c, [b.fp]), serverId: id(b, [a.fp]) })).rejects.toMatchObject({ code: expect.stringMatching(/TRANSPORT_(CLOSED|TIMEOUT)/) });
+    });
+  });
+});
