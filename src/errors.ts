@@ -36,6 +36,7 @@ export const ERROR_CODES = {
   PEER_UNTRUSTED: { status: 403, exit: 4, summary: "A transport peer's certificate is not pinned in the trust store (ferry host trust)." },
   AGENT_UNREACHABLE: { status: 503, exit: 7, summary: 'The CLI could not reach the agent.' },
   SETUP_REQUIRED: { status: 500, exit: 8, summary: 'Required Debian packages are missing and cannot be installed (not root).' },
+  TIMEOUT: { status: 504, exit: 7, summary: 'Ferry gave up waiting for something (named in the message) within its time limit.' },
   INTERNAL: { status: 500, exit: 1, summary: 'A bug: an unexpected internal error.' },
 } as const;
 

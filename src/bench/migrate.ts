@@ -22,6 +22,7 @@ import { profile as getProfile } from '../lab/profiles.js';
 import type { RelayStatus } from '../lab/relay.js';
 import type { GuestStats } from '../qemu/serial.js';
 import { run } from '../util/exec.js';
+import { sleep, waitFor } from '../util/wait.js';
 import { NATIVE_VARIANTS, makeDataDisk, type Scenario } from './scenario.js';
 
 export interface Sample {
@@ -45,18 +46,7 @@ export interface RunResult {
   samples: Sample[];
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const VM = 'bench';
-
-async function poll<T>(what: string, ms: number, everyMs: number, fn: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${Math.round(ms / 1000)} s waiting for ${what}`);
-    await sleep(everyMs);
-  }
-}
 
 function wire(r: RelayStatus): { fwd: number; rev: number } {
   return { fwd: r.directions['1>2']!.counters.bytes, rev: r.directions['2>1']!.counters.bytes };
@@ -112,7 +102,7 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
     await makeDataDisk(dataFile, s, image.root);
     await src.post('/v1/vms', { name: VM, image: GUEST_IMAGE, memoryMiB: s.memoryMiB, disks: [{ file: dataFile }], workload: { heartbeatHz: 10, writeRate: s.writeRate, seed: s.seed, dirtyMiB: s.dirtyMiB } });
     await src.post(`/v1/vms/${VM}/start`);
-    await poll('the guest to boot', 180_000, 500, async () => ((await src.get<GuestStats>(`/v1/vms/${VM}/guest`)).ready ? true : undefined));
+    await waitFor('the guest to boot', 180_000, async () => ((await src.get<GuestStats>(`/v1/vms/${VM}/guest`)).ready ? true : undefined), { everyMs: 500 });
     await sleep(5000);
     const spec = (await src.get<VmView>(`/v1/vms/${VM}`)).spec;
 
@@ -127,7 +117,7 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
       say(`  outage of ${prof.outage.seconds} s scheduled at t+${prof.outage.afterSeconds} s${prof.outage.flap ? ' (flap)' : ''}`);
     }
     let lastLog = 0;
-    const job = await poll<MigrationJob>('the migration', s.timeoutSec * 1000 + 30_000, 1000, async () => {
+    const job = await waitFor<MigrationJob>('the migration', s.timeoutSec * 1000 + 30_000, async () => {
       const j = await src.get<MigrationJob>(`/v1/vms/${VM}/migration`);
       const w = wire(await relayCommand(lab, { op: 'status' }));
       const t = (Date.now() - t0) / 1000;
@@ -138,7 +128,7 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
         say(`  t+${t.toFixed(0)}s ${p?.phase ?? '-'} mirror ${Math.round((p?.mirrorDone ?? 0) / 2 ** 20)}/${Math.round((p?.mirrorTotal ?? 0) / 2 ** 20)} MiB, ram ${Math.round((p?.ram?.transferred ?? 0) / 2 ** 20)} MiB, wire ${Math.round(w.fwd / 2 ** 20)} MiB${p?.ram?.throttle ? `, CPU throttle ${p.ram.throttle} %` : ''}`);
       }
       return j.state === 'running' ? undefined : j;
-    });
+    }, { everyMs: 1000, retryErrors: false });
     const w = wire(await relayCommand(lab, { op: 'status' }));
     if (job.state !== 'completed') throw new Error(job.error ?? 'migration failed');
     result.totalSec = (Date.now() - t0) / 1000;
@@ -148,13 +138,13 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
     result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
 
     // Guest-seen downtime: the largest heartbeat gap on either host, and across the switch.
-    const dj = await poll('the destination to resume', 60_000, 100, async () => {
+    const dj = await waitFor('the destination to resume', 60_000, async () => {
       const j = await dst.get<MigrationJob>(`/v1/vms/${VM}/migration`);
       if (j.state === 'failed') throw new Error(`destination: ${j.error}`);
       return j.state === 'completed' ? j : undefined;
-    });
+    }, { everyMs: 100, retryErrors: false });
     void dj;
-    const dstStats = await poll('heartbeats on the destination', 60_000, 200, async () => {
+    const dstStats = await waitFor('heartbeats on the destination', 60_000, async () => {
       const g = await dst.get<GuestStats>(`/v1/vms/${VM}/guest`);
       return g.heartbeats >= 20 ? g : undefined;
     });

@@ -18,26 +18,11 @@ import type { GuestStats } from '../qemu/serial.js';
 import { setup } from '../setup/packages.js';
 import { DEFAULT_IMAGES_DIR } from '../config.js';
 import { formatDuration } from '../util/units.js';
+import { sleep, waitFor } from '../util/wait.js';
 
 const DEMO_DIR = process.env.FERRY_DEMO_DIR ?? '/tmp/ferry-demo';
 const LISTEN = process.env.FERRY_DEMO_LISTEN ?? '127.0.0.1:7451';
 const SEED = 7;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until<T>(what: string, ms: number, fn: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined) return v;
-    } catch (e) {
-      if (Date.now() > deadline) throw e;
-    }
-    if (Date.now() > deadline) throw new FerryError('INTERNAL', `demo: timed out after ${ms} ms waiting for ${what}`);
-    await sleep(200);
-  }
-}
 
 export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<void> {
   const say = opts.json ? () => {} : (m: string) => process.stdout.write(`${m}\n`);
@@ -63,7 +48,7 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
     if (!opts.keep) agent.kill('SIGTERM');
   };
   try {
-    const host = await until('the agent', 60_000, () => api.get<Record<string, unknown>>('/v1/host'));
+    const host = await waitFor('the agent', 60_000, () => api.get<Record<string, unknown>>('/v1/host'));
     say(`   agent up: accelerator ${host.accel} (${host.accelReason}), ${host.qemuVersion}`);
     report.accel = host.accel;
 
@@ -77,7 +62,7 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
     });
     const tStart = Date.now();
     await api.post('/v1/vms/demo/start');
-    const ready = await until('the guest to boot', 120_000, async () => {
+    const ready = await waitFor('the guest to boot', 120_000, async () => {
       const s = await api.get<GuestStats>('/v1/vms/demo/guest');
       return s.ready ? s : undefined;
     });
@@ -105,7 +90,7 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
     say('-- step 7: verify every durable record, inside the guest (typed on its serial console)');
     const upto = afterPause.lastDurableSeq;
     await api.post('/v1/vms/demo/console', { data: `ferry-guest check --dev /dev/vdb --seed ${SEED} --upto ${upto}\n` });
-    const line = await until('the in-guest checker', 60_000, async () => {
+    const line = await waitFor('the in-guest checker', 60_000, async () => {
       const res = await api.raw('GET', '/v1/vms/demo/console?lines=400');
       const text = await res.text();
       return text.split('\n').find((l) => l.startsWith(`FERRY-CHECK`) && l.includes(`upto=${upto}`));

@@ -20,6 +20,7 @@ import { FerryError } from '../errors.js';
 import { initAgent, readToken } from '../agent/identity.js';
 import { AgentClient } from '../cli/client.js';
 import { run, runAllowFail } from '../util/exec.js';
+import { waitFor } from '../util/wait.js';
 import type { LinkParams } from './link.js';
 import { profile as getProfile } from './profiles.js';
 import type { RelayConfig, RelayStatus } from './relay.js';
@@ -202,18 +203,6 @@ function spawnDetached(argv: string[], log: string): number {
   fs.closeSync(fd);
   p.unref();
   return p.pid!;
-}
-
-async function waitFor<T>(what: string, ms: number, fn: () => Promise<T>): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      return await fn();
-    } catch (e) {
-      if (Date.now() > deadline) throw new FerryError('COMMAND_FAILED', `lab: ${what} did not come up within ${ms} ms: ${(e as Error).message}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
 }
 
 export function relayCommand<T = RelayStatus>(lab: Pick<LabState, 'control'>, cmd: Record<string, unknown>): Promise<T> {

@@ -7,6 +7,7 @@
 //   TCP: the client streams for N seconds and half-closes; the server answers bytes + duration.
 import dgram from 'node:dgram';
 import net from 'node:net';
+import { sleep } from '../util/wait.js';
 
 const PORT = 5201;
 
@@ -54,7 +55,6 @@ export function server(): void {
     .listen(PORT);
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function query(u: dgram.Socket, to: string, id: number): Promise<Session> {
   const q = Buffer.alloc(5);

@@ -11,6 +11,7 @@
 //                consistently), migrate-continue; wait completed
 //   destination: MIGRATION completed; nbd-server-stop; cont
 import { FerryError } from '../errors.js';
+import { sleep } from '../util/wait.js';
 import type { QmpClient, QmpEvent } from './qmp.js';
 
 export interface NativeTuning {
@@ -164,4 +165,3 @@ export async function finishIncoming(qmp: QmpClient, o: { timeoutMs: number; bit
   await qmp.execute('cont');
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -64,3 +64,21 @@ describe('docs/errors.md', () => {
     expect(documented).toEqual(Object.keys(ERROR_CODES).sort());
   });
 });
+
+describe('trust store', () => {
+  it('pins peers by normalized SHA-256 fingerprint and refuses malformed ones', async () => {
+    const { trustHost, readTrust, untrustHost, loadIdentity, normalizeFingerprint } = await import('../../src/transport/tls.js');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-trust-'));
+    const fp = 'ab'.repeat(32);
+    expect(normalizeFingerprint(fp)).toBe(Array(32).fill('AB').join(':'));
+    trustHost(dir, { name: 'h2', url: 'http://10.0.0.2:7450', fingerprint: fp });
+    expect(readTrust(dir).map((t) => t.fingerprint)).toEqual([Array(32).fill('AB').join(':')]);
+    expect(() => trustHost(dir, { name: 'h3', url: 'x', fingerprint: 'nope' })).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }));
+    expect(() => trustHost(dir, { name: 'Bad Name', url: 'x', fingerprint: fp })).toThrow(expect.objectContaining({ code: 'INVALID_NAME' }));
+    fs.writeFileSync(path.join(dir, 'host.key'), 'k');
+    fs.writeFileSync(path.join(dir, 'host.crt'), 'c');
+    expect(loadIdentity(dir).trusted(Array(32).fill('AB').join(':'))).toBe(true);
+    untrustHost(dir, 'h2');
+    expect(loadIdentity(dir).trusted(Array(32).fill('AB').join(':'))).toBe(false);
+  });
+});
