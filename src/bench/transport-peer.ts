@@ -76,7 +76,8 @@ if (role === 'recv') {
     });
     s.on('close', () => out({ bytes: total, seconds: (performance.now() - t0) / 1000, cpuSec: cpu() }));
   } else {
-    const session = await dial({ host, port, security: { identity: loadIdentity(dataDir!) }, streams: Number(streamsArg ?? 8) });
+    const cap = Number(process.env.FERRY_BENCH_RATE ?? 0);
+    const session = await dial({ host, port, security: { identity: loadIdentity(dataDir!) }, streams: Number(streamsArg ?? 16), ...(cap ? { session: { rateBytesPerSec: cap } } : {}) });
     const events: string[] = [];
     session.on('stall', () => events.push(`stall@${((performance.now() - t0) / 1000).toFixed(1)}s`));
     session.on('resume', () => events.push(`resume@${((performance.now() - t0) / 1000).toFixed(1)}s`));

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import { writeReport, markdownTable } from '../bench/report.js';
 import { NATIVE_VARIANTS, type Scenario } from '../bench/scenario.js';
 import { FerryError } from '../errors.js';
-import { PROFILES } from '../lab/profiles.js';
+import { PROFILES, parseRate } from '../lab/profiles.js';
 import { parseSize } from '../util/units.js';
 import { action, globals, say } from './common.js';
 import { printJson } from './output.js';
@@ -66,6 +66,7 @@ export function registerBenchCommands(program: Command): void {
     .option('--cc <algo>', 'TCP congestion control on both ends: cubic or bbr', 'cubic')
     .option('--cut <at:seconds[:flap]>', 'an outage during the transfer, e.g. 10:60 or 10:20:flap')
     .option('--only <mode>', 'ferry or plain (default: both)')
+    .option('--bandwidth <rate>', "cap the Ferry session's sending rate, e.g. 5mbit")
     .option('--timeout <s>', 'per-run limit', '1800')
     .option('--out <dir>', 'results folder', 'bench-results')
     .action(
@@ -77,6 +78,7 @@ export function registerBenchCommands(program: Command): void {
           if (!m) throw new FerryError('INVALID_ARGUMENT', '--cut takes AT:SECONDS or AT:SECONDS:flap');
           cut = { atSeconds: Number(m[1]), seconds: Number(m[2]), flap: !!m[3] };
         }
+        if (o.bandwidth) process.env.FERRY_BENCH_RATE = String(parseRate(o.bandwidth) / 8);
         const modes = o.only ? [o.only as 'ferry' | 'plain'] : (['ferry', 'plain'] as const).slice();
         const g = globals(cmd);
         const r = await benchTransport({ corpus: o.corpus === 'random' ? 'random' : 'root', profile: o.profile!, bytes: parseSize(o.size!), streams: Number(o.streams), cc: o.cc as 'cubic' | 'bbr', cut, timeoutSec: Number(o.timeout), modes: [...modes], say: g.json ? () => {} : say });

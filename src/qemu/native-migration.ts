@@ -59,8 +59,8 @@ export interface NativeProgress {
 }
 
 export interface NativeResult {
-  /** QEMU's own downtime figure (ms), from query-migrate. */
-  qemuDowntimeMs: number;
+  /** QEMU's own downtime figure (ms), from query-migrate; absent when QEMU did not report one. */
+  qemuDowntimeMs?: number;
   mirrorReadyMs: number;
   totalMs: number;
   ramTransferredBytes: number;
@@ -142,7 +142,7 @@ export async function performNative(
       await sleep(Math.min(50, remaining()));
     }
     o.onProgress?.({ phase: 'completed', mirrorDone: 0, mirrorTotal: 0 });
-    return { qemuDowntimeMs: final.downtime ?? 0, mirrorReadyMs, totalMs: Date.now() - t0, ramTransferredBytes: final.ram?.transferred ?? 0, pausedAtMs };
+    return { ...(final.downtime === undefined ? {} : { qemuDowntimeMs: final.downtime }), mirrorReadyMs, totalMs: Date.now() - t0, ramTransferredBytes: final.ram?.transferred ?? 0, pausedAtMs };
   } finally {
     qmp.off('event', onEvent);
   }

@@ -28,13 +28,14 @@ describe('VM lifecycle on a real QEMU guest', () => {
   });
 
   it('creates a VM whose system disk is an overlay on the image template', async () => {
-    const r = agent.cli(['--json', 'vm', 'create', 'life', '--memory', '256M', '--disk', '64M', '--heartbeat', '10', '--write-rate', '100K', '--seed', '11', '--dirty', '8M']);
+    const r = agent.cli(['--json', 'vm', 'create', 'life', '--memory', '256M', '--disk', '64M', '--heartbeat', '10', '--write-rate', '100K', '--seed', '11', '--dirty', '8M', '--nic', 'user']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const v = JSON.parse(r.stdout) as VmView;
     expect(v.state).toBe('stopped');
     expect(v.spec.disks.map((d) => d.id)).toEqual(['vda', 'vdb']);
     expect(v.spec.disks[0]!.backing).toBe(guestImage().root);
+    expect(v.spec.nics).toMatchObject([{ id: 'net0', type: 'user', mac: expect.stringMatching(/^52:54:00:/) }]);
     expect(fs.existsSync(path.join(agent.dataDir, 'vms/life/vda.qcow2'))).toBe(true);
   });
 
@@ -76,6 +77,10 @@ describe('VM lifecycle on a real QEMU guest', () => {
       return out.split('\n').find((l) => l.startsWith('FERRY-CHECK') && l.includes(`upto=${upto}`));
     });
     expect(line).toMatch(/FERRY-CHECK OK/);
+    // The user-mode NIC is there for the guest.
+    agent.cli(['vm', 'console', 'life', '--send', 'echo NICS=$(ls /sys/class/net | tr "\\n" ,)']);
+    const nics = await waitFor('the NIC list', 30_000, () => agent.cli(['vm', 'console', 'life', '-n', '500']).stdout.split('\n').find((l) => l.startsWith('NICS=')));
+    expect(nics).toContain('eth0');
   });
 
   it('stops gracefully (ACPI), and every durable record is on the disk', async () => {

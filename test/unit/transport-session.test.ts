@@ -20,7 +20,7 @@ afterEach(() => {
   listeners.splice(0).forEach((l) => l.close());
 });
 
-async function pair(o: { streams?: number; window?: number; clientId?: Identity; serverId?: Identity } = {}) {
+async function pair(o: { streams?: number; window?: number; rate?: number; clientId?: Identity; serverId?: Identity } = {}) {
   let server!: Session;
   const got = new Promise<Session>((r) => {
     void listen({
@@ -38,7 +38,7 @@ async function pair(o: { streams?: number; window?: number; clientId?: Identity;
   let port = 0;
   let portReady!: () => void;
   await new Promise<void>((r) => (portReady = r));
-  const client = await dial({ host: '127.0.0.1', port, security: o.clientId ? { identity: o.clientId } : { insecureLab: true }, streams: o.streams ?? 4, session: { idleTimeoutMs: 3000, pingMs: 300, ...(o.window ? { windowBytes: o.window } : {}) } });
+  const client = await dial({ host: '127.0.0.1', port, security: o.clientId ? { identity: o.clientId } : { insecureLab: true }, streams: o.streams ?? 4, session: { idleTimeoutMs: 3000, pingMs: 300, ...(o.window ? { windowBytes: o.window } : {}), ...(o.rate ? { rateBytesPerSec: o.rate } : {}) } });
   sessions.push(client);
   await got;
   sessions.push(server);
@@ -144,6 +144,19 @@ describe('transport session', () => {
     await client.flush();
     expect(rx.channels.indexOf(1)).toBeLessThan(rx.channels.length - 1);
     expect(rx.msgs.length).toBe(401);
+  });
+
+  it('keeps to its bandwidth cap', async () => {
+    const { client, server } = await pair({ streams: 2, rate: 2 << 20 });
+    const rx = collect(server);
+    const t0 = Date.now();
+    for (let i = 0; i < 64; i++) await client.send(3, crypto.randomBytes(64 * 1024)); // 4 MiB
+    await client.flush();
+    const secs = (Date.now() - t0) / 1000;
+    expect(rx.msgs.length).toBe(64);
+    // 4 MiB at 2 MiB/s with a burst of 1/20 s: about 2 s; loose bounds (shared CI machine).
+    expect(secs).toBeGreaterThan(1.5);
+    expect(secs).toBeLessThan(10);
   });
 
   it('refuses to resume a session it does not know (forged or replayed HELLO)', async () => {
