@@ -34,6 +34,7 @@ export const ERROR_CODES = {
   TRANSPORT_CLOSED: { status: 502, exit: 6, summary: 'The transport session was closed (by the peer, or after its resume limit).' },
   TRANSPORT_TIMEOUT: { status: 504, exit: 7, summary: 'A transport peer could not be reached in time.' },
   PEER_UNTRUSTED: { status: 403, exit: 4, summary: "A transport peer's certificate is not pinned in the trust store (ferry host trust)." },
+  NBD_ERROR: { status: 502, exit: 6, summary: 'An NBD server refused a request or broke the protocol.' },
   AGENT_UNREACHABLE: { status: 503, exit: 7, summary: 'The CLI could not reach the agent.' },
   SETUP_REQUIRED: { status: 500, exit: 8, summary: 'Required Debian packages are missing and cannot be installed (not root).' },
   TIMEOUT: { status: 504, exit: 7, summary: 'Ferry gave up waiting for something (named in the message) within its time limit.' },
