@@ -233,6 +233,7 @@ export class Session extends EventEmitter {
     }
     this.conns.clear();
     for (const t of [this.ackTimer, this.resumeTimer, this.pumpTimer]) if (t) clearTimeout(t);
+    this.opts.limiter?.forget(this);
     this.wakeWindow();
     this.emit('close', reason);
   }
@@ -306,7 +307,7 @@ export class Session extends EventEmitter {
         q.shift();
         continue;
       }
-      const wait = Math.max(this.ownLimit?.take(o.size + 40) ?? 0, this.opts.limiter?.take(o.size + 40) ?? 0);
+      const wait = Math.max(this.ownLimit?.take(o.size + 40) ?? 0, this.opts.limiter?.take(o.size + 40, this) ?? 0);
       if (wait > 0) {
         if (!this.pumpTimer) this.pumpTimer = setTimeout(() => ((this.pumpTimer = undefined), this.pump()), Math.ceil(wait));
         return;

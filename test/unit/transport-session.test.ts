@@ -159,6 +159,29 @@ describe('transport session', () => {
     expect(secs).toBeLessThan(10);
   });
 
+  it('shares one cap fairly between concurrent sessions', async () => {
+    const { TokenBucket } = await import('../../src/transport/limiter.js');
+    const shared = new TokenBucket(3 << 20);
+    let port = 0;
+    const rx: Session[] = [];
+    const l = await listen({ host: '127.0.0.1', port: 0, security: { insecureLab: true }, onSession: (s) => rx.push(s) });
+    listeners.push(l);
+    port = (l.server.address() as net.AddressInfo).port;
+    const a = await dial({ host: '127.0.0.1', port, security: { insecureLab: true }, streams: 2, session: { limiter: shared, reduce: { compress: false, level: 1, dedup: false } } });
+    const b = await dial({ host: '127.0.0.1', port, security: { insecureLab: true }, streams: 2, session: { limiter: shared, reduce: { compress: false, level: 1, dedup: false } } });
+    sessions.push(a, b);
+    const t0 = Date.now();
+    const push = async (s: Session) => {
+      for (let i = 0; i < 48; i++) await s.send(3, crypto.randomBytes(64 * 1024)); // 3 MiB each
+      await s.flush();
+      return (Date.now() - t0) / 1000;
+    };
+    const [ta, tb] = await Promise.all([push(a), push(b)]);
+    // 6 MiB through a 3 MiB/s bucket: ~2 s in all, and neither session starves the other.
+    expect(Math.max(ta, tb)).toBeGreaterThan(1.4);
+    expect(Math.max(ta, tb) / Math.min(ta, tb)).toBeLessThan(1.6);
+  });
+
   it('refuses to resume a session it does not know (forged or replayed HELLO)', async () => {
     const { listener } = await pair({ streams: 1 });
     const port = (listener.server.address() as net.AddressInfo).port;
