@@ -178,6 +178,11 @@ function connectOnce(o: DialOptions): Promise<Duplex> {
 export async function dial(o: DialOptions): Promise<Session> {
   const id = crypto.randomBytes(16).toString('hex');
   const session = new Session(id, { ...DEFAULT_SESSION, ...o.session });
+  o = { ...o };
+  session.retarget = (host, port) => {
+    o.host = host;
+    o.port = port;
+  };
   let established = false;
   const one = async (slot: number): Promise<void> => {
     const sock = await connectOnce(o);

@@ -119,6 +119,12 @@ export class Session extends EventEmitter {
     this.peerCache.advertise(hash);
   }
 
+  /**
+   * Dialing side only (set by endpoint.dial): point future re-dials at the peer's new address;
+   * the session resumes there as soon as its connections to the old one die.
+   */
+  retarget: ((host: string, port: number) => void) | undefined;
+
   /** A method, not a field read, so callers re-check after an await. */
   isClosed(): boolean {
     return this.state === 'closed';

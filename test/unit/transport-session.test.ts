@@ -24,7 +24,7 @@ async function pair(o: { streams?: number; window?: number; rate?: number; clien
   let server!: Session;
   const got = new Promise<Session>((r) => {
     void listen({
-      host: '127.0.0.1',
+      host: '0.0.0.0',
       port: 0,
       security: o.serverId ? { identity: o.serverId } : { insecureLab: true },
       session: { idleTimeoutMs: 3000, pingMs: 300 },
@@ -180,6 +180,23 @@ describe('transport session', () => {
     // 6 MiB through a 3 MiB/s bucket: ~2 s in all, and neither session starves the other.
     expect(Math.max(ta, tb)).toBeGreaterThan(1.4);
     expect(Math.max(ta, tb) / Math.min(ta, tb)).toBeLessThan(1.6);
+  });
+
+  it("follows the peer to a new address (retarget), resuming the same session", async () => {
+    const { client, server, listener } = await pair({ streams: 2 });
+    const rx = collect(server);
+    await client.send(3, Buffer.from('before'));
+    await client.flush();
+    // The listener is also reachable as 127.0.0.2 (all of 127/8 is local): "its new address".
+    const port = (listener.server.address() as net.AddressInfo).port;
+    client.retarget!('127.0.0.2', port);
+    for (const c of (client as unknown as { conns: Set<{ sock: net.Socket }> }).conns) c.sock.destroy();
+    await client.send(3, Buffer.from('after'));
+    await client.flush();
+    expect(rx.msgs.map((m) => m.toString())).toEqual(['before', 'after']);
+    const remotes = [...(client as unknown as { conns: Set<{ sock: net.Socket }> }).conns].map((c) => c.sock.remoteAddress);
+    expect(remotes.length).toBeGreaterThan(0);
+    expect(remotes.every((r) => r === '127.0.0.2')).toBe(true);
   });
 
   it('refuses to resume a session it does not know (forged or replayed HELLO)', async () => {
