@@ -77,7 +77,7 @@ if (role === 'recv') {
     s.on('close', () => out({ bytes: total, seconds: (performance.now() - t0) / 1000, cpuSec: cpu() }));
   } else {
     const cap = Number(process.env.FERRY_BENCH_RATE ?? 0);
-    const session = await dial({ host, port, security: { identity: loadIdentity(dataDir!) }, streams: Number(streamsArg ?? 16), ...(cap ? { session: { rateBytesPerSec: cap } } : {}) });
+    const session = await dial({ host, port, security: { identity: loadIdentity(dataDir!) }, streams: streamsArg === 'auto' || !streamsArg ? 'auto' : Number(streamsArg), ...(cap ? { session: { rateBytesPerSec: cap } } : {}) });
     const events: string[] = [];
     session.on('stall', () => events.push(`stall@${((performance.now() - t0) / 1000).toFixed(1)}s`));
     session.on('resume', () => events.push(`resume@${((performance.now() - t0) / 1000).toFixed(1)}s`));

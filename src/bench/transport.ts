@@ -43,7 +43,7 @@ export interface TransportBench {
   cc: string;
   corpus: 'root' | 'random';
   bytes: number;
-  streams: number;
+  streams: number | 'auto';
   cut: { atSeconds: number; seconds: number; flap: boolean } | null;
   startedAt: string;
   runs: TransportRun[];
@@ -91,7 +91,7 @@ async function corpus(bytes: number, kind: 'root' | 'random'): Promise<{ file: s
   return { file, sha256: sha };
 }
 
-async function once(lab: LabState, mode: 'ferry' | 'plain', o: { bytes: number; streams: number; cut: TransportBench['cut']; timeoutSec: number; corpus: { file: string; sha256: string } }): Promise<TransportRun> {
+async function once(lab: LabState, mode: 'ferry' | 'plain', o: { bytes: number; streams: number | 'auto'; cut: TransportBench['cut']; timeoutSec: number; corpus: { file: string; sha256: string } }): Promise<TransportRun> {
   const [h1, h2] = lab.hosts as [LabState['hosts'][0], LabState['hosts'][0]];
   const port = mode === 'ferry' ? 7601 : 7602;
   const r: TransportRun = { mode, ok: false, payloadBytes: o.bytes };
@@ -125,7 +125,7 @@ async function once(lab: LabState, mode: 'ferry' | 'plain', o: { bytes: number; 
   return r;
 }
 
-export async function benchTransport(o: { corpus: 'root' | 'random'; profile: string; bytes: number; streams: number; cc: 'cubic' | 'bbr'; cut: TransportBench['cut']; timeoutSec: number; modes: ('ferry' | 'plain')[]; say: (m: string) => void }): Promise<TransportBench> {
+export async function benchTransport(o: { corpus: 'root' | 'random'; profile: string; bytes: number; streams: number | 'auto'; cc: 'cubic' | 'bbr'; cut: TransportBench['cut']; timeoutSec: number; modes: ('ferry' | 'plain')[]; say: (m: string) => void }): Promise<TransportBench> {
   const report: TransportBench = { corpus: o.corpus, profile: o.profile, cc: o.cc, bytes: o.bytes, streams: o.streams, cut: o.cut, startedAt: new Date().toISOString(), runs: [] };
   const c = await corpus(o.bytes, o.corpus);
   await labDown('tbench', { force: true });

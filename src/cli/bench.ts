@@ -62,7 +62,7 @@ export function registerBenchCommands(program: Command): void {
     .option('--profile <name>', `link profile: ${Object.keys(PROFILES).join(', ')}`, 'wan-10')
     .option('--size <bytes>', 'how much of the corpus to send', '64M')
     .option('--corpus <kind>', 'root (the guest root disk: realistic) or random (incompressible: measures link use)', 'root')
-    .option('--streams <n>', 'TCP connections of the Ferry session', '16')
+    .option('--streams <n>', "TCP connections of the Ferry session, or 'auto' (from the measured RTT)", 'auto')
     .option('--cc <algo>', 'TCP congestion control on both ends: cubic or bbr', 'cubic')
     .option('--cut <at:seconds[:flap]>', 'an outage during the transfer, e.g. 10:60 or 10:20:flap')
     .option('--only <mode>', 'ferry or plain (default: both)')
@@ -81,7 +81,7 @@ export function registerBenchCommands(program: Command): void {
         if (o.bandwidth) process.env.FERRY_BENCH_RATE = String(parseRate(o.bandwidth) / 8);
         const modes = o.only ? [o.only as 'ferry' | 'plain'] : (['ferry', 'plain'] as const).slice();
         const g = globals(cmd);
-        const r = await benchTransport({ corpus: o.corpus === 'random' ? 'random' : 'root', profile: o.profile!, bytes: parseSize(o.size!), streams: Number(o.streams), cc: o.cc as 'cubic' | 'bbr', cut, timeoutSec: Number(o.timeout), modes: [...modes], say: g.json ? () => {} : say });
+        const r = await benchTransport({ corpus: o.corpus === 'random' ? 'random' : 'root', profile: o.profile!, bytes: parseSize(o.size!), streams: o.streams === 'auto' ? 'auto' : Number(o.streams), cc: o.cc as 'cubic' | 'bbr', cut, timeoutSec: Number(o.timeout), modes: [...modes], say: g.json ? () => {} : say });
         const dir = path.join(o.out!, `transport-${o.profile}-${r.startedAt.replace(/[:.]/g, '-')}`);
         fs.mkdirSync(dir, { recursive: true });
         fs.writeFileSync(path.join(dir, 'result.json'), JSON.stringify(r, null, 2));

@@ -134,8 +134,12 @@ export interface DialOptions {
   host: string;
   port: number;
   security: Security;
-  /** connections kept open (default 16: enough parallel CUBIC flows to fill a lossy long link) */
-  streams?: number;
+  /**
+   * Connections kept open: a number, or 'auto' (the default): start with 2, and once the path's
+   * minimum RTT is measured grow to ceil(minRTT / 6 ms), between 2 and 16 — on a long lossy path
+   * one CUBIC flow carries ~MSS/(RTT·√loss), so longer paths need more flows (16 at 100 ms).
+   */
+  streams?: number | 'auto';
   session?: Partial<SessionOptions>;
   connectTimeoutMs?: number;
 }
@@ -233,7 +237,20 @@ export async function dial(o: DialOptions): Promise<Session> {
     };
     session.once('resume', onResume);
     session.once('close', onClose);
-    for (let i = 0; i < (o.streams ?? 16); i++) void keep(i);
+    const auto = o.streams === undefined || o.streams === 'auto';
+    const initial = auto ? 2 : (o.streams as number);
+    for (let i = 0; i < initial; i++) void keep(i);
+    if (auto) {
+      const grow = setInterval(() => {
+        if (session.isClosed()) return clearInterval(grow);
+        if (!session.stats.minRttMs) return;
+        clearInterval(grow);
+        const target = Math.min(16, Math.max(2, Math.ceil(session.stats.minRttMs / 6)));
+        for (let i = initial; i < target; i++) void keep(i);
+        session.emit('streams', target);
+      }, 250);
+      grow.unref();
+    }
   });
   return session;
 }

@@ -199,6 +199,19 @@ describe('transport session', () => {
     expect(remotes.every((r) => r === '127.0.0.2')).toBe(true);
   });
 
+  it("adapts its connection count to the measured RTT ('auto': 2 on loopback)", async () => {
+    let port = 0;
+    const l = await listen({ host: '127.0.0.1', port: 0, security: { insecureLab: true }, session: { pingMs: 100 }, onSession: () => {} });
+    listeners.push(l);
+    port = (l.server.address() as net.AddressInfo).port;
+    const s = await dial({ host: '127.0.0.1', port, security: { insecureLab: true }, streams: 'auto', session: { pingMs: 100 } });
+    sessions.push(s);
+    const target = await new Promise<number>((r) => s.once('streams', r));
+    expect(target).toBe(2);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(s.connections).toBe(2);
+  });
+
   it('refuses to resume a session it does not know (forged or replayed HELLO)', async () => {
     const { listener } = await pair({ streams: 1 });
     const port = (listener.server.address() as net.AddressInfo).port;
