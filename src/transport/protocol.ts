@@ -31,6 +31,9 @@
 //   ACK     (4) no payload; `ack` says what was received.
 //   PING    (5) / PONG (6): payload 8 bytes (sender's clock, echoed); liveness + RTT.
 //   CLOSE   (7) payload JSON {reason}; the session ends (not just this connection).
+//   HAVE    (8) payload: n × 32-byte SHA-256 (n ≤ 32768) of content the sender already holds
+//               (templates, backups, an earlier attempt); the peer may send such content as REF.
+//               Unreliable by design: a lost HAVE only costs bandwidth, never correctness.
 //
 // State of a session (each side):
 //
@@ -65,6 +68,7 @@ export enum FrameType {
   PING = 5,
   PONG = 6,
   CLOSE = 7,
+  HAVE = 8,
 }
 
 export const Flag = { ZSTD: 1, BROTLI: 2, ZERO: 4, REF: 8, CACHE: 16 } as const;
@@ -139,7 +143,7 @@ export class Decoder {
       const b = this.buf;
       if (b[0] !== VERSION) throw new ProtocolError(`unsupported protocol version ${b[0]}`);
       const type = b[1]!;
-      if (type < FrameType.HELLO || type > FrameType.CLOSE) throw new ProtocolError(`invalid frame type ${type}`);
+      if (type < FrameType.HELLO || type > FrameType.HAVE) throw new ProtocolError(`invalid frame type ${type}`);
       const flags = b.readUInt32BE(4);
       if (flags & ~KNOWN_FLAGS || (type !== FrameType.DATA && flags)) throw new ProtocolError(`invalid flags ${flags} for type ${type}`);
       const len = b.readUInt32BE(32);

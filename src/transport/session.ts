@@ -120,6 +120,18 @@ export class Session extends EventEmitter {
   }
 
   /**
+   * Tells the peer which content this side holds outside the session (the `external` resolver
+   * must return it when a REF arrives). Sent as HAVE frames of up to 32768 hashes.
+   */
+  advertise(hashes: Buffer[]): void {
+    for (let i = 0; i < hashes.length; i += 32768) {
+      const payload = Buffer.concat(hashes.slice(i, i + 32768));
+      const c = this.pick() ?? [...this.conns][0];
+      if (c) this.write(c, { type: FrameType.HAVE, channel: 0, flags: 0, seq: 0n, ack: this.received, payload });
+    }
+  }
+
+  /**
    * Dialing side only (set by endpoint.dial): point future re-dials at the peer's new address;
    * the session resumes there as soon as its connections to the old one die.
    */
@@ -357,6 +369,15 @@ export class Session extends EventEmitter {
           this.shutdown(`peer closed: ${safeReason(f.payload)}`);
           return;
         case FrameType.ACK:
+          break;
+        case FrameType.HAVE:
+          if (f.payload.length % 32) {
+            this.emit('protocol-error', 'HAVE payload is not a list of 32-byte hashes');
+            c.sock.destroy();
+            return;
+          }
+          for (let i = 0; i < f.payload.length; i += 32) this.peerHolds(f.payload.subarray(i, i + 32));
+          this.emit('have', f.payload.length / 32);
           break;
         case FrameType.HELLO:
         case FrameType.WELCOME:

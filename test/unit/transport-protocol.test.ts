@@ -37,6 +37,7 @@ describe('frame encoding', () => {
     bad((b) => (b[0] = 2), /version 2/);
     bad((b) => (b[1] = 0), /type 0/);
     bad((b) => (b[1] = 99), /type 99/);
+    bad((b) => (b[1] = 9), /type 9/);
     bad((b) => b.writeUInt32BE(64, 4), /flags/);
   });
   it('rejects an oversized length before buffering it', () => {

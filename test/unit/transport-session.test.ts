@@ -134,6 +134,32 @@ describe('transport session', () => {
     expect(client.stats.wireBytesSent).toBeLessThan(65536 * 2);
   });
 
+  it('sends content the receiver advertised (HAVE) as references, resolved from its store', async () => {
+    const template = Array.from({ length: 8 }, () => crypto.randomBytes(65536));
+    const store = new Map(template.map((b) => [crypto.createHash('sha256').update(b).digest('hex'), b]));
+    let server!: Session;
+    const l = await listen({
+      host: '127.0.0.1',
+      port: 0,
+      security: { insecureLab: true },
+      session: { external: (h) => store.get(h.toString('hex')) },
+      onSession: (s) => (server = s),
+    });
+    listeners.push(l);
+    const client = await dial({ host: '127.0.0.1', port: (l.server.address() as net.AddressInfo).port, security: { insecureLab: true }, streams: 2 });
+    sessions.push(client);
+    await waitUntil(() => !!server);
+    const rx = collect(server);
+    const told = new Promise((r) => client.once('have', r));
+    server.advertise(template.map((b) => crypto.createHash('sha256').update(b).digest()));
+    expect(await told).toBe(8);
+    for (const b of template) await client.send(3, b);
+    await client.flush();
+    expect(rx.msgs.every((m, i) => m.equals(template[i]!))).toBe(true);
+    expect(client.stats.refFrames).toBe(8);
+    expect(client.stats.wireBytesSent).toBeLessThan(8 * 65536 / 10);
+  });
+
   it('sends control-channel messages ahead of queued bulk data', async () => {
     const { client, server } = await pair({ streams: 1, window: 64 << 20 });
     const rx = collect(server);
