@@ -238,6 +238,23 @@ describe('transport session', () => {
     expect(s.connections).toBe(2);
   });
 
+  it('delivers a replayed DATA frame once (duplicates are dropped by sequence number)', async () => {
+    let server!: Session;
+    const l = await listen({ host: '127.0.0.1', port: 0, security: { insecureLab: true }, onSession: (s) => (server = s) });
+    listeners.push(l);
+    const port = (l.server.address() as net.AddressInfo).port;
+    const raw = net.connect(port, '127.0.0.1');
+    await new Promise((r) => raw.once('connect', r));
+    raw.write(encode({ type: FrameType.HELLO, channel: 0, flags: 0, seq: 0n, ack: 0n, payload: Buffer.from(JSON.stringify({ session: 'cd'.repeat(16), resume: false, recv: '0' })) }));
+    await waitUntil(() => !!server);
+    const rx = collect(server);
+    const data = encode({ type: FrameType.DATA, channel: 3, flags: 0, seq: 1n, ack: 0n, cseq: 1n, payload: Buffer.from('once') });
+    raw.write(Buffer.concat([data, data, data]));
+    await waitUntil(() => server.stats.duplicatesDropped === 2);
+    expect(rx.msgs.map((m) => m.toString())).toEqual(['once']);
+    raw.destroy();
+  });
+
   it('refuses to resume a session it does not know (forged or replayed HELLO)', async () => {
     const { listener } = await pair({ streams: 1 });
     const port = (listener.server.address() as net.AddressInfo).port;
