@@ -42,6 +42,8 @@ export interface RunResult {
   wireBytesFwd?: number;
   wireBytesRev?: number;
   linkLimitSec?: number;
+  /** libvirt-style --timeout suspended the guest at this many seconds */
+  suspendedAtSec?: number;
   integrity?: { disksEqual: boolean; differingBlocks: number; recordsOk: boolean; durableSeq: number; detail: string };
   samples: Sample[];
 }
@@ -85,7 +87,8 @@ async function compareDisks(a: string, b: string, allowed: { offset: number; len
 }
 
 export async function runNative(lab: LabState, s: Scenario, variant: string, say: (m: string) => void): Promise<RunResult> {
-  const tuning = NATIVE_VARIANTS[variant];
+  const base = NATIVE_VARIANTS[variant];
+  const tuning = base && s.suspendAfterSec !== undefined ? { ...base, suspendAfterSec: s.suspendAfterSec } : base;
   if (!tuning) throw new Error(`unknown native variant ${variant} (known: ${Object.keys(NATIVE_VARIANTS).join(', ')})`);
   const contender = `native/${variant}`;
   const [h1, h2] = lab.hosts as [LabState['hosts'][0], LabState['hosts'][0]];
@@ -133,6 +136,7 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
     if (job.state !== 'completed') throw new Error(job.error ?? 'migration failed');
     result.totalSec = (Date.now() - t0) / 1000;
     result.qemuDowntimeMs = job.result!.qemuDowntimeMs;
+    if (job.result!.suspendedAtMs !== undefined) result.suspendedAtSec = job.result!.suspendedAtMs / 1000;
     result.wireBytesFwd = w.fwd;
     result.wireBytesRev = w.rev;
     result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;

@@ -20,6 +20,8 @@ export interface Scenario {
   seed: number;
   cc: 'cubic' | 'bbr';
   timeoutSec: number;
+  /** libvirt's --timeout for the native runs: suspend the guest after this many seconds */
+  suspendAfterSec?: number;
 }
 
 export const NATIVE_VARIANTS: Record<string, NativeTuning> = {

@@ -28,6 +28,7 @@ export function registerBenchCommands(program: Command): void {
     .option('--cc <algo>', 'TCP congestion control on both ends: cubic or bbr', 'cubic')
     .option('--seed <n>', 'seed (emulator and data)', '1')
     .option('--timeout <s>', 'per-run limit; a run past it is recorded as failed', '1800')
+    .option('--native-suspend-after <s>', "libvirt's virsh migrate --timeout: suspend the guest if native migration has not converged after this long ('none' to never)", '300')
     .option('--out <dir>', 'results folder', 'bench-results')
     .action(
       action(async (o: Record<string, string>, cmd: Command) => {
@@ -45,6 +46,7 @@ export function registerBenchCommands(program: Command): void {
           seed: Number(o.seed),
           cc: o.cc as 'cubic' | 'bbr',
           timeoutSec: Number(o.timeout),
+          ...(o.nativeSuspendAfter === 'none' ? {} : { suspendAfterSec: Number(o.nativeSuspendAfter) }),
         };
         const g = globals(cmd);
         const r = await benchMigrate(s, { variants, ferry: true, say: g.json ? () => {} : say });

@@ -21,6 +21,13 @@ export interface NativeTuning {
   parameters: Record<string, unknown>;
   /** mirror granularity in bytes (QEMU default: the cluster size, 64 KiB) */
   granularity?: number;
+  /**
+   * libvirt's `virsh migrate --timeout N`: if the migration has not converged after N seconds,
+   * suspend the guest so it does (the guest stays paused until it resumes on the destination).
+   * Without it, a guest writing more often than once per RTT keeps the mirror from ever
+   * becoming READY.
+   */
+  suspendAfterSec?: number;
 }
 
 export interface IncomingDisk {
@@ -66,6 +73,8 @@ export interface NativeResult {
   ramTransferredBytes: number;
   /** guest paused by QEMU at pre-switchover (ms since start) */
   pausedAtMs: number;
+  /** when libvirt-style --timeout suspended the guest (ms since start), if it did */
+  suspendedAtMs?: number;
 }
 
 async function jobs(qmp: QmpClient): Promise<{ device: string; offset: number; len: number; ready: boolean }[]> {
@@ -104,7 +113,15 @@ export async function performNative(
       });
     }
     // Wait until every mirror is READY (in sync, now mirroring new writes).
+    let suspendedAtMs: number | undefined;
+    const maybeSuspend = async () => {
+      if (suspendedAtMs === undefined && o.tuning.suspendAfterSec !== undefined && Date.now() - t0 > o.tuning.suspendAfterSec * 1000) {
+        await qmp.execute('stop');
+        suspendedAtMs = Date.now() - t0;
+      }
+    };
     for (;;) {
+      await maybeSuspend();
       const js = await jobs(qmp);
       o.onProgress?.({ phase: 'mirror', mirrorDone: js.reduce((a, j) => a + j.offset, 0), mirrorTotal: js.reduce((a, j) => a + j.len, 0) });
       if (js.length === o.mirrors.length && js.every((j) => j.ready)) break;
@@ -126,6 +143,7 @@ export async function performNative(
         ...(st.ram ? { ram: { transferred: st.ram.transferred, remaining: st.ram.remaining, total: st.ram.total, dirtyRate: st.ram['dirty-pages-rate'], throttle: st['cpu-throttle-percentage'] } } : {}),
       });
       if (st.status === 'pre-switchover') break;
+      await maybeSuspend();
       await sleep(Math.min(500, remaining()));
     }
     pausedAtMs = Date.now() - t0;
@@ -142,7 +160,7 @@ export async function performNative(
       await sleep(Math.min(50, remaining()));
     }
     o.onProgress?.({ phase: 'completed', mirrorDone: 0, mirrorTotal: 0 });
-    return { ...(final.downtime === undefined ? {} : { qemuDowntimeMs: final.downtime }), mirrorReadyMs, totalMs: Date.now() - t0, ramTransferredBytes: final.ram?.transferred ?? 0, pausedAtMs };
+    return { ...(final.downtime === undefined ? {} : { qemuDowntimeMs: final.downtime }), ...(suspendedAtMs === undefined ? {} : { suspendedAtMs }), mirrorReadyMs, totalMs: Date.now() - t0, ramTransferredBytes: final.ram?.transferred ?? 0, pausedAtMs };
   } finally {
     qmp.off('event', onEvent);
   }
