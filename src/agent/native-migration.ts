@@ -46,7 +46,12 @@ export interface MigrationJob {
 function checkTuning(t: unknown): NativeTuning {
   const o = (t ?? {}) as Partial<NativeTuning>;
   if (!Array.isArray(o.capabilities ?? []) || typeof (o.parameters ?? {}) !== 'object') throw new FerryError('INVALID_ARGUMENT', 'tuning: {capabilities: string[], parameters: object}');
-  return { capabilities: (o.capabilities ?? []).map(String), parameters: o.parameters ?? {}, ...(o.granularity ? { granularity: Number(o.granularity) } : {}) };
+  return {
+    capabilities: (o.capabilities ?? []).map(String),
+    parameters: o.parameters ?? {},
+    ...(o.granularity ? { granularity: Number(o.granularity) } : {}),
+    ...(o.suspendAfterSec !== undefined ? { suspendAfterSec: Number(o.suspendAfterSec) } : {}),
+  };
 }
 
 export class NativeMigrations {
