@@ -116,8 +116,10 @@ export async function performNative(
     let suspendedAtMs: number | undefined;
     const maybeSuspend = async () => {
       if (suspendedAtMs === undefined && o.tuning.suspendAfterSec !== undefined && Date.now() - t0 > o.tuning.suspendAfterSec * 1000) {
-        await qmp.execute('stop');
         suspendedAtMs = Date.now() - t0;
+        // Stopping drains in-flight I/O, including the mirror's NBD writes still crossing a slow
+        // link (up to its 16 MiB buffer): that can take minutes on a WAN, and libvirt waits.
+        await qmp.execute('stop', undefined, Math.max(60_000, remaining()));
       }
     };
     for (;;) {
