@@ -28,7 +28,9 @@
 //               length of zero bytes. REF: payload is a 32-byte SHA-256 the receiver holds.
 //               CACHE: the receiver keeps the message under its SHA-256 for later REFs.
 //               ZSTD/BROTLI: payload is compressed.
-//   ACK     (4) no payload; `ack` says what was received.
+//   ACK     (4) `ack` says what was received in order; the payload lists up to 1024 more DATA
+//               seqs received beyond it (u64 each, a selective ack), so one connection's lost
+//               segment does not hold the other connections' frames in the sender's window.
 //   PING    (5) / PONG (6): payload 8 bytes (sender's clock, echoed); liveness + RTT.
 //   CLOSE   (7) payload JSON {reason}; the session ends (not just this connection).
 //   HAVE    (8) payload: n × 32-byte SHA-256 (n ≤ 32768) of content the sender already holds
@@ -49,8 +51,10 @@
 // acks, resends, duplicates dropped by seq); `cseq` orders delivery within a channel, so a
 // control message is not held behind bulk data queued earlier on another channel. Each channel
 // is delivered in order, exactly once. The sender keeps every DATA
-// frame until it is acked, bounded by a window of 4 × the measured bandwidth-delay product
-// (≥ 2 MiB) so that little is stranded in dead sockets (backpressure on send()).
+// frame until it is acked (cumulatively, or selectively by an ACK's list), bounded by a window of
+// 4 × the measured bandwidth-delay product (≥ 1 MiB) so that little is stranded in dead sockets
+// (backpressure on send()). Frames are striped onto the connection with the fewest
+// unacknowledged bytes.
 // Versions: a new version adds types/flags; a peer receiving a version it does not speak closes
 // the connection with CLOSE {reason: "version"}.
 import zlib from 'node:zlib';

@@ -65,6 +65,8 @@ interface Outgoing {
 class Conn {
   readonly decoder = new Decoder();
   readonly inflight = new Set<bigint>();
+  /** bytes sent on this connection and not yet acknowledged: what striping balances */
+  inflightBytes = 0;
   lastRx = Date.now();
   timer: NodeJS.Timeout | undefined;
   constructor(readonly sock: Duplex, readonly id: number) {}
@@ -178,7 +180,7 @@ export class Session extends EventEmitter {
     // window sized from that inflated figure would only feed the queue it measures.
     const rtt = Math.max(this.stats.minRttMs, 10) / 1000;
     const bdp = this.ackRate * rtt;
-    return Math.min(this.opts.windowBytes, Math.max(2 << 20, 4 * bdp));
+    return Math.min(this.opts.windowBytes, Math.max(1 << 20, 4 * bdp));
   }
 
   /**
@@ -269,6 +271,7 @@ export class Session extends EventEmitter {
       }
     }
     c.inflight.clear();
+    c.inflightBytes = 0;
     if (this.state === 'closed') return;
     this.stats.connectionsLost++;
     this.emit('connection-lost', { connections: this.conns.size, inflight: requeued });
@@ -304,8 +307,10 @@ export class Session extends EventEmitter {
         suspect = true;
         continue;
       }
+      // Balance on unacknowledged bytes: the kernel takes writes at once, so Node's own buffer
+      // (writableLength) says nothing about how loaded a connection really is.
       const w = c.sock.writableLength;
-      if (w < HIGH_WATER && (!best || w < best.sock.writableLength)) best = c;
+      if (w < HIGH_WATER && (!best || c.inflightBytes + w < best.inflightBytes + best.sock.writableLength)) best = c;
     }
     // Silent connections send no 'drain' that would wake us: look again shortly.
     if (!best && suspect && !this.pumpTimer) this.pumpTimer = setTimeout(() => ((this.pumpTimer = undefined), this.pump()), 250);
@@ -333,6 +338,7 @@ export class Session extends EventEmitter {
       q.shift();
       o.conn = c;
       c.inflight.add(seq);
+      c.inflightBytes += o.size;
       if (o.sentOnce) this.stats.framesResent++;
       o.sentOnce = true;
       this.stats.framesSent++;
@@ -369,6 +375,13 @@ export class Session extends EventEmitter {
           this.shutdown(`peer closed: ${safeReason(f.payload)}`);
           return;
         case FrameType.ACK:
+          if (f.payload.length % 8) {
+            this.emit('protocol-error', 'ACK payload is not a list of u64 seqs');
+            c.sock.destroy();
+            return;
+          }
+          for (let i = 0; i < f.payload.length; i += 8) this.ackOne(f.payload.readBigUInt64BE(i));
+          if (f.payload.length) this.wakeWindow();
           break;
         case FrameType.HAVE:
           if (f.payload.length % 32) {
@@ -421,7 +434,11 @@ export class Session extends EventEmitter {
     this.ackTimer = undefined;
     let best: Conn | null = null;
     for (const c of this.conns) if (!best || c.sock.writableLength < best.sock.writableLength) best = c;
-    if (best) this.write(best, { type: FrameType.ACK, channel: 0, flags: 0, seq: 0n, ack: this.received, payload: Buffer.alloc(0) });
+    if (!best) return;
+    const above = [...this.rxAbove].slice(0, 1024);
+    const payload = Buffer.alloc(above.length * 8);
+    above.forEach((seq, i) => payload.writeBigUInt64BE(seq, i * 8));
+    this.write(best, { type: FrameType.ACK, channel: 0, flags: 0, seq: 0n, ack: this.received, payload });
   }
 
   private onAck(ack: bigint): void {
@@ -439,7 +456,10 @@ export class Session extends EventEmitter {
     if (!o) return false;
     this.unacked.delete(seq);
     this.unackedBytes -= o.size;
-    o.conn?.inflight.delete(seq);
+    if (o.conn) {
+      o.conn.inflight.delete(seq);
+      o.conn.inflightBytes -= o.size;
+    }
     this.ackedSince += o.size;
     const now = performance.now();
     if (now - this.ackSampleAt >= 500) {
