@@ -134,6 +134,16 @@ host
     }),
   );
 host
+  .command('untrust <name>')
+  .description('forget a pinned peer host: its connections are refused from now on')
+  .action(
+    action(async (name: string, _o: unknown, cmd: Command) => {
+      const { untrustHost } = await import('../transport/tls.js');
+      untrustHost(globals(cmd).dataDir, name);
+      if (!globals(cmd).json) say(`no longer trusting ${name}`);
+    }),
+  );
+host
   .command('trusted')
   .description('list pinned peer hosts')
   .action(
