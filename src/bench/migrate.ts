@@ -142,12 +142,11 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
     result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
 
     // Guest-seen downtime: the largest heartbeat gap on either host, and across the switch.
-    const dj = await waitFor('the destination to resume', 60_000, async () => {
+    await waitFor('the destination to resume', 60_000, async () => {
       const j = await dst.get<MigrationJob>(`/v1/vms/${VM}/migration`);
       if (j.state === 'failed') throw new Error(`destination: ${j.error}`);
       return j.state === 'completed' ? j : undefined;
     }, { everyMs: 100, retryErrors: false });
-    void dj;
     const dstStats = await waitFor('heartbeats on the destination', 60_000, async () => {
       const g = await dst.get<GuestStats>(`/v1/vms/${VM}/guest`);
       return g.heartbeats >= 20 ? g : undefined;

@@ -8,14 +8,13 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { DEFAULT_IMAGES_DIR, distDir, GUEST_IMAGE } from '../config.js';
+import { DEFAULT_IMAGES_DIR, distDir, files, GUEST_IMAGE } from '../config.js';
 import { readImage } from '../image/catalog.js';
 import { labCut, labDown, labUp, relayCommand, type LabState } from '../lab/lab.js';
 import { profile as getProfile } from '../lab/profiles.js';
 import type { RelayStatus } from '../lab/relay.js';
 import { certFingerprint } from '../agent/identity.js';
 import { trustHost } from '../transport/tls.js';
-import { files } from '../config.js';
 import { run } from '../util/exec.js';
 
 export interface TransportRun {

@@ -6,7 +6,7 @@
 import { Command, Option } from 'commander';
 import { DEFAULT_DATA_DIR, DEFAULT_IMAGES_DIR, GUEST_IMAGE, readConfig } from '../config.js';
 import { buildGuestImage } from '../image/build-guest.js';
-import { listImages } from '../image/catalog.js';
+import { listImages, readImage } from '../image/catalog.js';
 import { checkDisk } from '../image/check-disk.js';
 import { initAgent } from '../agent/identity.js';
 import { runAgent } from '../agent/run.js';
@@ -84,7 +84,6 @@ image
   .action(
     action(async (file: string, o: { seed: string; upto: string; imagesDir?: string }, cmd: Command) => {
       const g = globals(cmd);
-      const { readImage } = await import('../image/catalog.js');
       const tool = readImage(imagesDir(g, o.imagesDir), GUEST_IMAGE).tool;
       const r = await checkDisk(tool, file, Number(o.seed), Number(o.upto));
       if (g.json) printJson(r);

@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GUEST_IMAGE, files } from '../config.js';
+import { DEFAULT_IMAGES_DIR, GUEST_IMAGE, files } from '../config.js';
 import { initAgent } from '../agent/identity.js';
 import type { VmView } from '../agent/vms.js';
 import { AgentClient } from '../cli/client.js';
@@ -16,7 +16,6 @@ import { readImage } from '../image/catalog.js';
 import { checkDisk } from '../image/check-disk.js';
 import type { GuestStats } from '../qemu/serial.js';
 import { setup } from '../setup/packages.js';
-import { DEFAULT_IMAGES_DIR } from '../config.js';
 import { formatDuration } from '../util/units.js';
 import { sleep, waitFor } from '../util/wait.js';
 

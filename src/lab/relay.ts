@@ -166,6 +166,7 @@ export class Relay {
   }
 
   private expireCut(now: number): void {
+    if (!this.cut && !this.scheduledCuts.length) return; // the per-packet common case
     const wall = Date.now();
     for (const c of this.scheduledCuts.filter((c) => c.at <= wall)) {
       this.scheduledCuts.splice(this.scheduledCuts.indexOf(c), 1);

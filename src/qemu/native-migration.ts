@@ -133,7 +133,6 @@ export async function performNative(
     const mirrorReadyMs = Date.now() - t0;
     await setCapabilities(qmp, o.tuning);
     await qmp.execute('migrate', { uri: `tcp:${o.host}:${o.migratePort}` });
-    let pausedAtMs = 0;
     for (;;) {
       const st = await qmp.execute<{ status: string; ram?: { transferred: number; remaining: number; total: number; 'dirty-pages-rate'?: number }; 'cpu-throttle-percentage'?: number; 'error-desc'?: string }>('query-migrate');
       if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `native migration ${st.status}: ${st['error-desc'] ?? ''}`);
@@ -148,7 +147,7 @@ export async function performNative(
       await maybeSuspend();
       await sleep(Math.min(500, remaining()));
     }
-    pausedAtMs = Date.now() - t0;
+    const pausedAtMs = Date.now() - t0;
     await o.beforeContinue?.();
     // Complete the mirrors consistently: cancel on a READY job finishes it with source == target.
     for (const m of o.mirrors) await qmp.execute('block-job-cancel', { device: `mirror-${m.node}` });

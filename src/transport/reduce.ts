@@ -19,7 +19,6 @@ try {
 } catch {
   zstd = null; // brotli fallback
 }
-export const codec = zstd ? 'zstd' : 'brotli';
 
 const MIN_DEDUP = 4096;
 
@@ -28,7 +27,7 @@ export function sha256(b: Buffer): Buffer {
 }
 
 function isZero(b: Buffer): boolean {
-  // Compare 8 bytes at a time through a Float64? Buffer.compare against a zero slab is fastest.
+  // Compare against a zero slab: Buffer.compare runs in native code.
   for (let off = 0; off < b.length; off += ZERO.length) {
     const n = Math.min(ZERO.length, b.length - off);
     if (b.compare(ZERO, 0, n, off, off + n) !== 0) return false;
@@ -66,10 +65,6 @@ export class ContentCache {
   /** Marks content the peer advertised it holds outside this cache (templates, backups). */
   advertise(h: Buffer): void {
     this.map.set(h.toString('hex'), true);
-  }
-
-  get size(): number {
-    return this.map.size;
   }
 }
 

@@ -69,7 +69,7 @@ class Conn {
   inflightBytes = 0;
   lastRx = Date.now();
   timer: NodeJS.Timeout | undefined;
-  constructor(readonly sock: Duplex, readonly id: number) {}
+  constructor(readonly sock: Duplex) {}
 }
 
 const HIGH_WATER = 512 * 1024;
@@ -84,7 +84,6 @@ export class Session extends EventEmitter {
   state: 'open' | 'stalled' | 'closed' = 'stalled';
   readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0 };
   private readonly conns = new Set<Conn>();
-  private connIds = 0;
   private nextSeq = 1n;
   private readonly unacked = new Map<bigint, Outgoing>();
   private unackedBytes = 0;
@@ -217,7 +216,7 @@ export class Session extends EventEmitter {
       sock.destroy();
       return;
     }
-    const c = new Conn(sock, ++this.connIds);
+    const c = new Conn(sock);
     this.conns.add(c);
     this.onAck(peerRecv);
     for (const seq of peerAbove) this.ackOne(seq);
@@ -352,9 +351,7 @@ export class Session extends EventEmitter {
     try {
       frames = c.decoder.push(d);
     } catch (e) {
-      this.emit('protocol-error', (e as Error).message);
-      c.sock.destroy();
-      return;
+      return this.refuse(c, (e as Error).message);
     }
     for (const f of frames) {
       this.onAck(f.ack);
@@ -375,30 +372,26 @@ export class Session extends EventEmitter {
           this.shutdown(`peer closed: ${safeReason(f.payload)}`);
           return;
         case FrameType.ACK:
-          if (f.payload.length % 8) {
-            this.emit('protocol-error', 'ACK payload is not a list of u64 seqs');
-            c.sock.destroy();
-            return;
-          }
+          if (f.payload.length % 8) return this.refuse(c, 'ACK payload is not a list of u64 seqs');
           for (let i = 0; i < f.payload.length; i += 8) this.ackOne(f.payload.readBigUInt64BE(i));
           if (f.payload.length) this.wakeWindow();
           break;
         case FrameType.HAVE:
-          if (f.payload.length % 32) {
-            this.emit('protocol-error', 'HAVE payload is not a list of 32-byte hashes');
-            c.sock.destroy();
-            return;
-          }
+          if (f.payload.length % 32) return this.refuse(c, 'HAVE payload is not a list of 32-byte hashes');
           for (let i = 0; i < f.payload.length; i += 32) this.peerHolds(f.payload.subarray(i, i + 32));
           this.emit('have', f.payload.length / 32);
           break;
         case FrameType.HELLO:
         case FrameType.WELCOME:
-          this.emit('protocol-error', 'handshake frame inside an open connection');
-          c.sock.destroy();
-          return;
+          return this.refuse(c, 'handshake frame inside an open connection');
       }
     }
+  }
+
+  /** A peer that breaks the protocol loses this connection (the session re-dials or resumes). */
+  private refuse(c: Conn, why: string): void {
+    this.emit('protocol-error', why);
+    c.sock.destroy();
   }
 
   private onDataFrame(f: Frame): void {

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { AgentClient } from '../../src/cli/client.js';
 import { DEFAULT_IMAGES_DIR, GUEST_IMAGE } from '../../src/config.js';
 import { readImage, type ResolvedImage } from '../../src/image/catalog.js';
+import { waitFor as utilWaitFor } from '../../src/util/wait.js';
 
 export const repo = path.resolve(__dirname, '../..');
 export const cliJs = path.join(repo, 'dist/cli/main.js');
@@ -26,21 +27,14 @@ export async function freePort(): Promise<number> {
   });
 }
 
-export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+export { sleep } from '../../src/util/wait.js';
 
-export async function waitFor<T>(what: string, ms: number, fn: () => Promise<T | undefined | false> | T | undefined | false): Promise<T> {
-  const deadline = Date.now() + ms;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v as T;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
-    await sleep(200);
-  }
+/** util/wait's waitFor, also taking `false` as "not yet" (handy for boolean conditions). */
+export function waitFor<T>(what: string, ms: number, fn: () => Promise<T | undefined | false> | T | undefined | false): Promise<T> {
+  return utilWaitFor(what, ms, async () => {
+    const v = await fn();
+    return v === false ? undefined : (v as T | undefined);
+  });
 }
 
 export interface CliResult {
