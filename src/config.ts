@@ -14,6 +14,7 @@ export const distDir = path.join(repoRoot, 'dist');
 export const DEFAULT_DATA_DIR = process.env.FERRY_DATA_DIR ?? '/var/lib/ferry';
 export const DEFAULT_IMAGES_DIR = process.env.FERRY_IMAGES_DIR ?? '/var/cache/ferry/images';
 export const DEFAULT_LISTEN = '127.0.0.1:7450';
+export const DEFAULT_TRANSPORT_LISTEN = '0.0.0.0:7451';
 export const GUEST_IMAGE = 'ferry-guest';
 
 export interface AgentConfig {
@@ -21,6 +22,8 @@ export interface AgentConfig {
   listen: string;
   imagesDir: string;
   hostName: string;
+  /** host:port the transport (agent-to-agent migration) listens on; default 0.0.0.0:7451 */
+  transportListen?: string;
 }
 
 export const files = (dataDir: string) => ({

@@ -15,6 +15,8 @@ export const ERROR_CODES = {
   VM_NOT_FOUND: { status: 404, exit: 3, summary: 'No VM has that name on this host.' },
   IMAGE_NOT_FOUND: { status: 404, exit: 3, summary: 'The named guest image is not in the images directory.' },
   NOT_FOUND: { status: 404, exit: 3, summary: 'No such API route.' },
+  HOST_NOT_FOUND: { status: 404, exit: 3, summary: 'The named host is not in the trust store (ferry host trusted lists it).' },
+  MIGRATION_NOT_FOUND: { status: 404, exit: 3, summary: 'No migration with that id (or for that VM) on this host.' },
   LAB_NOT_FOUND: { status: 404, exit: 3, summary: 'No WAN lab with that name is up.' },
   // Conflicts with current state (HTTP 409)
   VM_EXISTS: { status: 409, exit: 5, summary: 'A VM with that name already exists.' },
@@ -23,6 +25,9 @@ export const ERROR_CODES = {
   VM_BUSY: { status: 409, exit: 5, summary: 'Another operation on this VM is in progress.' },
   AGENT_ALREADY_RUNNING: { status: 409, exit: 5, summary: 'Another agent already owns this data directory.' },
   LAB_EXISTS: { status: 409, exit: 5, summary: 'A WAN lab with that name is already up.' },
+  MIGRATION_REFUSED: { status: 409, exit: 5, summary: 'The destination refused the migration at Begin; details.problems lists every reason.' },
+  MIGRATION_SWITCHING: { status: 409, exit: 5, summary: 'The migration is at or past its switchover and can no longer be cancelled.' },
+  MIGRATION_CANCELLED: { status: 409, exit: 5, summary: 'The migration was cancelled; the VM runs at the source.' },
   AGENT_NOT_INITIALIZED: { status: 409, exit: 5, summary: 'The data directory has no identity: run `ferry agent init`.' },
   // Failures of components Ferry drives (HTTP 500/502/504)
   QEMU_FAILED: { status: 502, exit: 6, summary: 'QEMU refused a command or exited while starting.' },
@@ -34,6 +39,8 @@ export const ERROR_CODES = {
   TRANSPORT_CLOSED: { status: 502, exit: 6, summary: 'The transport session was closed (by the peer, or after its resume limit).' },
   TRANSPORT_TIMEOUT: { status: 504, exit: 7, summary: 'A transport peer could not be reached in time.' },
   PEER_UNTRUSTED: { status: 403, exit: 4, summary: "A transport peer's certificate is not pinned in the trust store (ferry host trust)." },
+  MIGRATION_FAILED: { status: 502, exit: 6, summary: 'The migration failed and was rolled back: the VM runs at the source.' },
+  VERIFY_FAILED: { status: 502, exit: 6, summary: "A block on the destination did not match the source's after the copy." },
   NBD_ERROR: { status: 502, exit: 6, summary: 'An NBD server refused a request or broke the protocol.' },
   AGENT_UNREACHABLE: { status: 503, exit: 7, summary: 'The CLI could not reach the agent.' },
   SETUP_REQUIRED: { status: 500, exit: 8, summary: 'Required Debian packages are missing and cannot be installed (not root).' },

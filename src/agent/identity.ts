@@ -18,7 +18,7 @@ export function certFingerprint(certPem: string): string {
   return new crypto.X509Certificate(certPem).fingerprint256;
 }
 
-export async function initAgent(dataDir: string, opts: { listen?: string; imagesDir?: string; hostName?: string } = {}): Promise<InitResult> {
+export async function initAgent(dataDir: string, opts: { listen?: string; imagesDir?: string; hostName?: string; transportListen?: string } = {}): Promise<InitResult> {
   const f = files(dataDir);
   fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   fs.mkdirSync(f.vms, { recursive: true, mode: 0o700 });
@@ -35,11 +35,11 @@ export async function initAgent(dataDir: string, opts: { listen?: string; images
   }
   let config: AgentConfig;
   if (created) {
-    config = { listen: opts.listen ?? DEFAULT_LISTEN, imagesDir: opts.imagesDir ?? DEFAULT_IMAGES_DIR, hostName };
+    config = { listen: opts.listen ?? DEFAULT_LISTEN, imagesDir: opts.imagesDir ?? DEFAULT_IMAGES_DIR, hostName, ...(opts.transportListen ? { transportListen: opts.transportListen } : {}) };
     writeConfig(dataDir, config);
   } else {
     config = JSON.parse(fs.readFileSync(f.config, 'utf8')) as AgentConfig;
-    const updated = { ...config, ...(opts.listen ? { listen: opts.listen } : {}), ...(opts.imagesDir ? { imagesDir: opts.imagesDir } : {}) };
+    const updated = { ...config, ...(opts.listen ? { listen: opts.listen } : {}), ...(opts.imagesDir ? { imagesDir: opts.imagesDir } : {}), ...(opts.transportListen ? { transportListen: opts.transportListen } : {}) };
     if (JSON.stringify(updated) !== JSON.stringify(config)) writeConfig(dataDir, (config = updated));
   }
   return { dataDir, created, fingerprint: certFingerprint(fs.readFileSync(f.cert, 'utf8')), config };

@@ -14,6 +14,10 @@
 //   GET    /v1/vms/:name/guest              guest probes: heartbeat gaps, durable writes
 //   POST   /v1/vms/:name/guest/reset-gap
 //   GET    /v1/events?vm=&limit=
+//   POST   /v1/vms/:name/migrate                   Ferry live migration {to, bandwidth, maxDowntimeMs, timeoutSec, verify, xbzrle} → view
+//   GET    /v1/migrations                          journaled migrations (both roles)
+//   GET    /v1/migrations/:key                     one (id, id prefix, or VM name): live view or journal row
+//   POST   /v1/migrations/:key/cancel              cancel (before the switchover only)
 //   POST   /v1/migrations/native/incoming          destination: {spec, from, listenHost, nbdPort, migratePort, tuning}
 //   POST   /v1/migrations/native/incoming/:name/finish   destination: wait, resume
 //   POST   /v1/vms/:name/migrate/native            source: {host, nbdPort, migratePort, tuning, timeoutMs, to} → job
@@ -24,6 +28,7 @@ import { FerryError } from '../errors.js';
 import { listImages } from '../image/catalog.js';
 import type { StateDb } from '../state/db.js';
 import { Router, type Req } from './http.js';
+import type { MigrateRequest, Migrations } from './migrations.js';
 import type { IncomingRequest, NativeMigrations, OutgoingRequest } from './native-migration.js';
 import type { CreateRequest, VmManager } from './vms.js';
 
@@ -55,7 +60,7 @@ function optNumber(body: Record<string, unknown>, k: string): number | undefined
   return v;
 }
 
-export function buildRouter(vms: VmManager, native: NativeMigrations, db: StateDb, host: () => HostInfo): Router {
+export function buildRouter(vms: VmManager, native: NativeMigrations, migrations: Migrations, db: StateDb, host: () => HostInfo): Router {
   const r = new Router();
   r.add('GET', '/v1/host', () => {
     const h = host();
@@ -80,6 +85,10 @@ export function buildRouter(vms: VmManager, native: NativeMigrations, db: StateD
     vms.resetGuestGap(q.params.name!);
     return { ok: true };
   });
+  r.add('POST', '/v1/vms/:name/migrate', (q) => migrations.start(q.params.name!, q.body as MigrateRequest));
+  r.add('GET', '/v1/migrations', () => migrations.list());
+  r.add('GET', '/v1/migrations/:key', (q) => migrations.get(q.params.key!));
+  r.add('POST', '/v1/migrations/:key/cancel', (q) => migrations.cancel(q.params.key!));
   r.add('POST', '/v1/migrations/native/incoming', (q) => native.prepare(q.body as unknown as IncomingRequest));
   r.add('POST', '/v1/migrations/native/incoming/:name/finish', (q) => native.finish(q.params.name!, optNumber(q.body, 'timeoutMs')));
   r.add('POST', '/v1/vms/:name/dirty-since-switchover', (q) => native.dirtySinceSwitchover(q.params.name!));

@@ -4,7 +4,7 @@
 // stops VMs: they keep running and the next agent re-attaches.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
-import { files, readConfig } from '../config.js';
+import { DEFAULT_TRANSPORT_LISTEN, files, readConfig } from '../config.js';
 import { FerryError } from '../errors.js';
 import { readImage } from '../image/catalog.js';
 import { detectAccel, QEMU_BIN } from '../qemu/accel.js';
@@ -14,6 +14,7 @@ import { run } from '../util/exec.js';
 import { createServer } from './http.js';
 import { certFingerprint, readToken } from './identity.js';
 import { buildRouter, type HostInfo } from './routes.js';
+import { Migrations } from './migrations.js';
 import { NativeMigrations } from './native-migration.js';
 import { VmManager } from './vms.js';
 
@@ -74,13 +75,22 @@ export async function runAgent(dataDir: string, opts: { listen?: string; log?: (
     startedAt,
   };
   db.addEvent(null, 'agent-started', `pid ${process.pid}, ${accel.accel} (${accel.reason}); re-attached ${reattached.length}, crashed ${crashed.length}`);
-  const server = createServer(buildRouter(vms, new NativeMigrations(vms), db, () => info), readToken(dataDir), log);
+  const migrations = new Migrations(vms, db, { hostName: cfg.hostName, qemuVersion, dataDir, imagesDir: cfg.imagesDir }, log);
+  const transportListen = cfg.transportListen ?? DEFAULT_TRANSPORT_LISTEN;
+  try {
+    await migrations.listen(transportListen);
+  } catch (e) {
+    throw new FerryError('INVALID_ARGUMENT', `cannot listen for migrations on ${transportListen}: ${(e as Error).message}`, { cause: e });
+  }
+  migrations.recover();
+  const server = createServer(buildRouter(vms, new NativeMigrations(vms), migrations, db, () => info), readToken(dataDir), log);
   const listen = opts.listen ?? cfg.listen;
   const [hostPart, portPart] = splitHostPort(listen);
   await new Promise<void>((resolve, reject) => {
     server.once('error', (e) => reject(new FerryError('INVALID_ARGUMENT', `cannot listen on ${listen}: ${e.message}`, { cause: e })));
     server.listen(portPart, hostPart, resolve);
   });
+  log(`migrations: transport on ${transportListen} (TLS, trusted peers only)`);
   log(`ferry agent ${version} on http://${listen} (data ${dataDir}, ${accel.accel}: ${accel.reason})`);
   if (reattached.length) log(`re-attached to running VMs: ${reattached.join(', ')}`);
   if (crashed.length) log(`VMs whose QEMU was gone: ${crashed.join(', ')} (marked crashed)`);
@@ -90,6 +100,7 @@ export async function runAgent(dataDir: string, opts: { listen?: string; log?: (
       log(`${sig}: shutting down (VMs keep running)`);
       server.close();
       server.closeAllConnections();
+      migrations.close();
       vms.detachAll();
       db.close();
       fs.rmSync(f.pid, { force: true });

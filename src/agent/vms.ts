@@ -172,7 +172,7 @@ export class VmManager {
    * workload), creates empty disks (an overlay on the same template when this host has it),
    * and starts QEMU paused with `-incoming defer`. State `incoming` until the migration finishes.
    */
-  async createIncoming(src: VmSpec, from: string): Promise<{ view: VmView; inst: QemuInstance }> {
+  async createIncoming(src: VmSpec, from: string, o: { cacheDir?: string } = {}): Promise<{ view: VmView; inst: QemuInstance; bases: ('template' | 'zero' | 'cached')[] }> {
     const name = validateName(src?.name);
     if (this.db.getVm(name)) throw new FerryError('VM_EXISTS', `a VM named "${name}" already exists on this host`);
     return this.exclusive(name, async () => {
@@ -184,15 +184,24 @@ export class VmManager {
       }
       const p = this.paths(spec);
       fs.mkdirSync(p.dir, { recursive: true, mode: 0o700 });
+      const bases: ('template' | 'zero' | 'cached')[] = [];
       try {
         for (const d of src.disks) {
           const file = `${d.id}.qcow2`;
-          if (d.backing && fs.existsSync(d.backing)) {
+          const cached = o.cacheDir ? path.join(o.cacheDir, file) : '';
+          if (cached && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes) {
+            // A previous attempt's copy: the migration sends only what differs from it.
+            fs.renameSync(cached, path.join(p.dir, file));
+            spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing && fs.existsSync(d.backing) ? { backing: d.backing } : {}) });
+            bases.push('cached');
+          } else if (d.backing && fs.existsSync(d.backing)) {
             await qcow2.createOverlay(path.join(p.dir, file), d.backing, d.sizeBytes);
             spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, backing: d.backing });
+            bases.push('template');
           } else {
             await qcow2.createBlank(path.join(p.dir, file), d.sizeBytes);
             spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes });
+            bases.push('zero');
           }
         }
         this.db.insertVm(spec, { state: 'stopped' });
@@ -201,7 +210,7 @@ export class VmManager {
         const inst = await QemuInstance.launch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
         this.adopt(name, inst);
         this.setRuntime(name, { state: 'incoming', pid: inst.pid, startedAt: Date.now(), from }, { kind: 'incoming', message: `QEMU pid ${inst.pid} waiting for migration from ${from}` });
-        return { view: this.get(name), inst };
+        return { view: this.get(name), inst, bases };
       } catch (e) {
         this.instances.get(name)?.kill();
         this.instances.delete(name);
@@ -210,6 +219,81 @@ export class VmManager {
         throw e;
       }
     });
+  }
+
+  /**
+   * Takes a VM's operation lock for a long operation (a migration) that releases it itself;
+   * lifecycle calls meanwhile get VM_BUSY.
+   */
+  reserve(name: string): void {
+    this.record(name);
+    if (this.busy.has(name)) throw new FerryError('VM_BUSY', `another operation on VM "${name}" is in progress`);
+    this.busy.add(name);
+  }
+
+  release(name: string): void {
+    this.busy.delete(name);
+  }
+
+  /** Records that an active VM's guest runs (after a migration rolled back). */
+  noteRunning(name: string, why: string): void {
+    const { rec, inst } = this.running(name);
+    const startedAt = 'startedAt' in rec.runtime ? rec.runtime.startedAt : Date.now();
+    this.setRuntime(name, { state: 'running', pid: inst.pid, startedAt }, { kind: 'resumed', message: why });
+  }
+
+  /** Destination: the migrated VM runs here now (QEMU was continued by the migration). */
+  activateIncoming(name: string, from: string): void {
+    const { rec, inst } = this.running(name);
+    const startedAt = 'startedAt' in rec.runtime ? rec.runtime.startedAt : Date.now();
+    this.setRuntime(name, { state: 'running', pid: inst.pid, startedAt }, { kind: 'migrated-in', message: `now running here (migrated from ${from})` });
+  }
+
+  /**
+   * Destination, migration aborted: kills the incoming QEMU, keeps the partial disks in
+   * `cacheDir` (a retry sends only what they lack) and forgets the VM.
+   */
+  async discardIncoming(name: string, cacheDir: string): Promise<void> {
+    const rec = this.db.getVm(name);
+    if (!rec) return;
+    const inst = this.instances.get(name);
+    this.instances.delete(name);
+    if (inst && !inst.hasExited) await inst.quit().catch(() => inst.kill());
+    else if ('pid' in rec.runtime && rec.runtime.pid && pidAlive(rec.runtime.pid) && isQemuFor(rec.runtime.pid, rec.spec.uuid)) process.kill(rec.runtime.pid, 'SIGKILL');
+    const p = this.paths(rec.spec);
+    fs.rmSync(cacheDir, { recursive: true, force: true });
+    fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 });
+    for (const d of rec.spec.disks) {
+      const f = path.join(p.dir, d.file);
+      if (fs.existsSync(f)) fs.renameSync(f, path.join(cacheDir, d.file));
+    }
+    fs.rmSync(p.dir, { recursive: true, force: true });
+    for (const f of [p.qmpSocket, p.serialSocket, p.pidFile]) fs.rmSync(f, { force: true });
+    this.db.deleteVm(name);
+    this.db.addEvent(name, 'incoming-discarded', `incoming migration aborted; partial disks kept in ${cacheDir} for a retry`);
+  }
+
+  /**
+   * Source, after the destination confirmed: quit QEMU, then delete the VM with its disks, or
+   * with `keep` leave it defined and stopped ("migrated to …") as libvirt does (lock held).
+   */
+  async migratedAway(name: string, to: string, keep = false): Promise<void> {
+    const rec = this.db.getVm(name);
+    if (!rec) return;
+    const inst = this.instances.get(name);
+    this.instances.delete(name);
+    if (inst && !inst.hasExited) await inst.quit().catch(() => inst.kill());
+    else if ('pid' in rec.runtime && rec.runtime.pid && pidAlive(rec.runtime.pid) && isQemuFor(rec.runtime.pid, rec.spec.uuid)) process.kill(rec.runtime.pid, 'SIGKILL');
+    if (keep) {
+      this.setRuntime(name, { state: 'stopped', reason: `migrated to ${to}` }, { kind: 'migrated-away', message: `migrated to ${to}; source copy kept (stopped)` });
+      return;
+    }
+    const p = this.paths(rec.spec);
+    for (const d of rec.spec.disks) if (!d.file.startsWith('/')) qcow2.remove(path.join(p.dir, d.file));
+    fs.rmSync(p.dir, { recursive: true, force: true });
+    for (const f of [p.qmpSocket, p.serialSocket, p.pidFile]) fs.rmSync(f, { force: true });
+    this.db.deleteVm(name);
+    this.db.addEvent(name, 'migrated-away', `migrated to ${to}; source copy removed`);
   }
 
   async start(name: string): Promise<VmView> {

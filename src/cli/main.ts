@@ -16,6 +16,7 @@ import { action, client, globals, say, type Globals } from './common.js';
 import { fail, printJson, table } from './output.js';
 import { registerBenchCommands } from './bench.js';
 import { registerLabCommands } from './lab.js';
+import { registerMigrateCommands } from './migrate.js';
 import { registerVmCommands } from './vm.js';
 
 
@@ -99,10 +100,11 @@ agent
   .option('--listen <host:port>', 'API listen address', '127.0.0.1:7450')
   .option('--images-dir <dir>', 'guest images directory', DEFAULT_IMAGES_DIR)
   .option('--host-name <name>', 'host name (default: hostname)')
+  .option('--transport-listen <host:port>', 'where peers connect for migrations (default 0.0.0.0:7451)')
   .action(
-    action(async (o: { listen: string; imagesDir: string; hostName?: string }, cmd: Command) => {
+    action(async (o: { listen: string; imagesDir: string; hostName?: string; transportListen?: string }, cmd: Command) => {
       const g = globals(cmd);
-      const r = await initAgent(g.dataDir, { listen: o.listen, imagesDir: o.imagesDir, ...(o.hostName ? { hostName: o.hostName } : {}) });
+      const r = await initAgent(g.dataDir, { listen: o.listen, imagesDir: o.imagesDir, ...(o.hostName ? { hostName: o.hostName } : {}), ...(o.transportListen ? { transportListen: o.transportListen } : {}) });
       if (g.json) return printJson(r);
       say(`${r.created ? 'initialized' : 'already initialized'}: ${r.dataDir}`);
       say(`host ${r.config.hostName}, API on ${r.config.listen}, images in ${r.config.imagesDir}`);
@@ -182,6 +184,7 @@ program
   );
 
 registerVmCommands(program);
+registerMigrateCommands(program);
 registerLabCommands(program);
 registerBenchCommands(program);
 

@@ -18,6 +18,8 @@ import path from 'node:path';
 import { DEFAULT_IMAGES_DIR, distDir } from '../config.js';
 import { FerryError } from '../errors.js';
 import { initAgent, readToken } from '../agent/identity.js';
+import { TRANSPORT_PORT } from '../migration/protocol.js';
+import { trustHost } from '../transport/tls.js';
 import { AgentClient } from '../cli/client.js';
 import { run, runAllowFail } from '../util/exec.js';
 import { waitFor } from '../util/wait.js';
@@ -174,9 +176,14 @@ export async function labUp(o: UpOptions = {}): Promise<LabState> {
     say(`relay up (pid ${state.relayPid}); link ${prof.name}: ${prof.description}; TCP congestion control ${cc}`);
     fs.writeFileSync(stateFile(name), JSON.stringify(state, null, 2));
     if (o.agents !== false) {
+      const fps = new Map<string, string>();
       for (const h of hosts) {
         fs.rmSync(h.dataDir, { recursive: true, force: true });
-        await initAgent(h.dataDir, { listen: `0.0.0.0:${AGENT_PORT}`, imagesDir: DEFAULT_IMAGES_DIR, hostName: h.name });
+        fps.set(h.name, (await initAgent(h.dataDir, { listen: `0.0.0.0:${AGENT_PORT}`, imagesDir: DEFAULT_IMAGES_DIR, hostName: h.name, transportListen: `0.0.0.0:${TRANSPORT_PORT}` })).fingerprint);
+      }
+      // Lab hosts trust each other (as an operator would with `ferry host trust`), by WAN address.
+      for (const h of hosts) for (const o2 of hosts) if (o2 !== h) trustHost(h.dataDir, { name: o2.name, url: `ferry://${o2.wanIp}:${TRANSPORT_PORT}`, fingerprint: fps.get(o2.name)! });
+      for (const h of hosts) {
         h.agentPid = spawnDetached(['ip', 'netns', 'exec', h.netns, process.execPath, path.join(distDir, 'cli', 'main.js'), '--data-dir', h.dataDir, 'agent', 'run'], path.join(h.dataDir, 'agent.log'));
       }
       for (const h of hosts) {

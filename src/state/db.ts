@@ -5,7 +5,7 @@
 import Database from 'better-sqlite3';
 import type { VmRuntime, VmSpec } from '../vm/spec.js';
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 
 export interface VmRecord {
   spec: VmSpec;
@@ -20,6 +20,17 @@ export interface EventRecord {
   vm: string | null;
   kind: string;
   message: string;
+}
+
+export interface MigrationRow {
+  id: string;
+  role: 'source' | 'destination';
+  vm: string;
+  peer: string;
+  phase: string;
+  data: Record<string, unknown>;
+  created_at?: number;
+  updated_at?: number;
 }
 
 export class StateDb {
@@ -59,6 +70,42 @@ export class StateDb {
         INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', '1');
       `);
     }
+    if (v < 2) {
+      // The migration journal (src/migration/journal.ts): one row per migration and role, its
+      // phase written before the phase's side effects, so a restarted agent knows what to undo.
+      this.db.exec(`
+        CREATE TABLE migrations (
+          id TEXT NOT NULL,
+          role TEXT NOT NULL,
+          vm TEXT NOT NULL,
+          peer TEXT NOT NULL,
+          phase TEXT NOT NULL,
+          data TEXT NOT NULL,
+          created_at INTEGER NOT NULL,
+          updated_at INTEGER NOT NULL,
+          PRIMARY KEY (id, role)
+        );
+        INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', '2');
+      `);
+    }
+  }
+
+  /** Writes (insert or update) one migration journal row; durable when this returns. */
+  putMigration(r: MigrationRow): void {
+    this.db
+      .prepare(`INSERT INTO migrations (id, role, vm, peer, phase, data, created_at, updated_at) VALUES (@id, @role, @vm, @peer, @phase, @data, @now, @now)
+        ON CONFLICT (id, role) DO UPDATE SET phase = excluded.phase, data = excluded.data, updated_at = excluded.updated_at`)
+      .run({ ...r, data: JSON.stringify(r.data), now: Date.now() });
+  }
+
+  getMigration(id: string, role: string): MigrationRow | undefined {
+    const row = this.db.prepare(`SELECT * FROM migrations WHERE id = ? AND role = ?`).get(id, role) as (Omit<MigrationRow, 'data'> & { data: string }) | undefined;
+    return row ? { ...row, data: JSON.parse(row.data) as Record<string, unknown> } : undefined;
+  }
+
+  listMigrations(limit = 100): MigrationRow[] {
+    const rows = this.db.prepare(`SELECT * FROM migrations ORDER BY created_at DESC LIMIT ?`).all(limit) as (Omit<MigrationRow, 'data'> & { data: string })[];
+    return rows.map((r) => ({ ...r, data: JSON.parse(r.data) as Record<string, unknown> }));
   }
 
   listVms(): VmRecord[] {

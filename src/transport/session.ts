@@ -53,6 +53,8 @@ export interface SessionStats {
   rttMs: number;
   /** smallest ping RTT seen: the path's own delay, without our queues */
   minRttMs: number;
+  /** per channel: raw message bytes handed to send(), and their reduced (wire payload) bytes */
+  channels: Record<number, { raw: number; reduced: number }>;
 }
 
 interface Outgoing {
@@ -82,7 +84,7 @@ const SUSPECT_MS = 3500;
 
 export class Session extends EventEmitter {
   state: 'open' | 'stalled' | 'closed' = 'stalled';
-  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0 };
+  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, channels: {} };
   private readonly conns = new Set<Conn>();
   private nextSeq = 1n;
   private readonly unacked = new Map<bigint, Outgoing>();
@@ -163,6 +165,9 @@ export class Session extends EventEmitter {
     this.unackedBytes += r.payload.length;
     this.stats.messagesSent++;
     this.stats.payloadBytesSent += msg.length;
+    const ch = (this.stats.channels[channel] ??= { raw: 0, reduced: 0 });
+    ch.raw += msg.length;
+    ch.reduced += r.payload.length;
     if (r.flags & 4) this.stats.zeroFrames++;
     if (r.flags & 8) this.stats.refFrames++;
     this.queues[PRIORITY[channel] ?? 3]!.push(seq);
@@ -192,6 +197,16 @@ export class Session extends EventEmitter {
     const speeds: [number, number][] = [[9, 60e6], [6, 150e6], [3, 500e6], [1, 700e6]];
     for (const [level, bps] of speeds) if (bps >= 8 * this.ackRate) return level;
     return 1;
+  }
+
+  /** Acknowledged wire bytes per second (EWMA over ~1 s samples): what the path drains now. */
+  drainRate(): number {
+    return this.ackRate;
+  }
+
+  /** Bytes handed to send() and not yet acknowledged (reduced size). */
+  get unackedPayload(): number {
+    return this.unackedBytes;
   }
 
   /** Resolves when everything sent so far is acknowledged by the peer. */

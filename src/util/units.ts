@@ -33,3 +33,13 @@ export function formatDuration(ms: number): string {
   const m = Math.floor(s / 60);
   return `${m}m${String(Math.round(s % 60)).padStart(2, '0')}s`;
 }
+
+/**
+ * Parses a link rate: "10Mbit", "100mbit", "1.5Gbit" (decimal bits/s, as links are sold) or a
+ * byte rate "2M", "512K" (binary bytes/s, as virsh's --bandwidth). Returns bytes/s.
+ */
+export function parseRate(text: string, what = 'rate'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmg]?)bit(?:\/s|ps)?\s*$/i.exec(text);
+  if (m) return Math.round((Number(m[1]) * ({ '': 1, k: 1e3, m: 1e6, g: 1e9 } as Record<string, number>)[m[2]!.toLowerCase()]!) / 8);
+  return parseSize(text.replace(/\/s$/, ''), what);
+}

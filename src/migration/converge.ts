@@ -1,0 +1,85 @@
+// Why this file exists: the one convergence controller. From measured rates — the link's drain
+// rate, the compression the transport achieves on disk blocks and on RAM pages, how fast the
+// guest dirties disk and RAM — it decides together: whether to slow the guest's disk writes
+// (block_set_io_throttle) and by how much, when to start the RAM phase, what QEMU may spend on
+// the final RAM copy (downtime-limit) and how fast QEMU may push (max-bandwidth: just under what
+// the link drains, so no RAM queues in the agent and QEMU's own estimate is true), and when to
+// let QEMU throttle the guest's CPU (auto-converge's trigger). It also predicts the pause.
+// Pure: unit-tested with made-up rates (test/unit/converge.test.ts).
+
+export interface ConvergeInput {
+  /** wire bytes/s the link drained at its best (measured during the bulk copy) */
+  linkBytesPerSec: number;
+  rttMs: number;
+  maxDowntimeMs: number;
+  /** raw/wire ratios the transport achieved (≥ 1) */
+  diskRatio: number;
+  ramRatio: number;
+  /** guest disk dirty rate, raw bytes/s, and what the last round left to send */
+  diskDirtyRate: number;
+  diskLastDirtyBytes: number;
+  /** dirty rounds done after round 0 */
+  rounds: number;
+  /** RAM phase figures, once it runs */
+  ram?: { remaining: number; dirtyBytesPerSec: number; secondsInRam: number };
+}
+
+export interface ConvergeDecision {
+  /** guest write cap in bytes/s (0 = none) */
+  ioThrottleBps: number;
+  startRam: boolean;
+  /** QEMU migrate parameters */
+  downtimeLimitMs: number;
+  maxBandwidth: number;
+  throttleTrigger: number;
+  predictedDowntimeMs: number;
+  note: string;
+}
+
+/** fixed cost of a switchover beyond moving bytes: device state, load, cont, heartbeat */
+const FIXED_MS = 60;
+
+export function decide(i: ConvergeInput): ConvergeDecision {
+  const link = Math.max(i.linkBytesPerSec, 16 * 1024);
+  const diskDrain = link * Math.max(1, i.diskRatio);
+  const ramDrain = link * Math.max(1, i.ramRatio);
+  // The final disk delta is what the guest dirties during one round (~ RTT + the round's send).
+  const roundSec = Math.max(i.rttMs / 1000, i.diskLastDirtyBytes / diskDrain) + 0.05;
+  const finalDisk = i.diskDirtyRate * roundSec;
+  const finalDiskMs = (finalDisk / diskDrain) * 1000;
+
+  // Disk: rounds converge if the guest dirties clearly less than the link drains. Otherwise cap
+  // the guest's writes at a third of the drain rate — enough to keep it working, little enough
+  // that each round shrinks.
+  let ioThrottleBps = 0;
+  let note = '';
+  if (i.rounds >= 2 && i.diskDirtyRate > 0.5 * diskDrain) {
+    ioThrottleBps = Math.max(64 * 1024, Math.round(diskDrain / 3));
+    note = `guest disk writes throttled to ${Math.round(ioThrottleBps / 1024)} KiB/s (dirtying ${Math.round(i.diskDirtyRate / 1024)} KiB/s, link drains ${Math.round(diskDrain / 1024)} KiB/s)`;
+  }
+  const startRam = i.rounds >= 1 && (i.diskLastDirtyBytes / diskDrain) * 1000 <= Math.max(1000, i.maxDowntimeMs);
+
+  // RAM: the pause budget left after one-way delay, the disk delta and the fixed cost.
+  const budget = i.maxDowntimeMs - i.rttMs / 2 - finalDiskMs - FIXED_MS;
+  const downtimeLimitMs = Math.max(20, Math.round(budget));
+  const maxBandwidth = Math.max(256 * 1024, Math.round(0.9 * ramDrain));
+  // auto-converge's trigger: only once RAM has failed to converge for a while does QEMU get to
+  // slow the guest's CPU (100 = only when dirtying outpaces sending; lower = sooner).
+  const secs = i.ram?.secondsInRam ?? 0;
+  const throttleTrigger = secs < 30 ? 100 : secs < 90 ? 70 : 50;
+  const ramFinal = i.ram ? Math.min(i.ram.remaining, i.ram.dirtyBytesPerSec * (downtimeLimitMs / 1000) + 64 * 1024) : 0;
+  const predictedDowntimeMs = Math.round(i.rttMs / 2 + finalDiskMs + (ramFinal / ramDrain) * 1000 + FIXED_MS);
+  if (!note && secs >= 30) note = `RAM not converging after ${Math.round(secs)} s: CPU throttling allowed (trigger ${throttleTrigger} %)`;
+  return { ioThrottleBps, startRam, downtimeLimitMs, maxBandwidth, throttleTrigger, predictedDowntimeMs, note };
+}
+
+/**
+ * QEMU's max-bandwidth, paced by the transport's queue: QEMU may push faster while little of
+ * the window is in use, slower when it fills. This finds the link's real drain rate (for RAM
+ * pages after compression, which no fixed estimate knows) and keeps the agent's queue short, so
+ * what QEMU counts as sent has really left and the final pause holds only the final pages.
+ */
+export function paceRam(current: number, queueFraction: number): number {
+  const next = queueFraction < 0.3 ? current * 1.25 : queueFraction > 0.7 ? current * 0.75 : current;
+  return Math.round(Math.min(4 * 2 ** 30, Math.max(256 * 1024, next)));
+}

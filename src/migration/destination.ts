@@ -1,0 +1,279 @@
+// Why this file exists: the destination side of Ferry's live migration. It answers one transport
+// session from a trusted source agent: checks (`begin`), creates the VM with an -incoming QEMU
+// (`prepare`), applies disk records (disk-dest.ts), feeds QEMU's RAM stream, and at the FINAL
+// barrier verifies the last disk delta, waits for QEMU to finish loading, journals `running`,
+// resumes the guest and tells the source. Anything that ends the session before that aborts:
+// the QEMU is killed and the partial disks are cached for a retry. It never runs the VM unless
+// every disk block verified and QEMU loaded the whole state.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { FerryError } from '../errors.js';
+import { NbdClient } from '../nbd/client.js';
+import { announceSelf, bitmapAdd, cont, exportAdd, migrateIncoming, nbdServerStart, nbdServerStop, queryMigrate, ramCapabilities, ramParameters } from '../qemu/migration-ops.js';
+import type { QemuInstance } from '../qemu/instance.js';
+import type { Session } from '../transport/session.js';
+import { sleep } from '../util/wait.js';
+import type { VmSpec } from '../vm/spec.js';
+import { DiskReceiver } from './disk-dest.js';
+import type { DestPhase, Journal } from './journal.js';
+import { Peer } from './peer.js';
+import { CH, type Control, type PreparedDisk } from './protocol.js';
+import { connectToQemu, type RamSink } from './ram-pipe.js';
+
+export interface DestHost {
+  hostName: string;
+  qemuVersion: string;
+  dataDir: string;
+  journal: Journal;
+  vmExists(name: string): boolean;
+  imageProblem(spec: VmSpec): string | null;
+  createIncoming(spec: VmSpec, from: string, cacheDir: string): Promise<{ inst: QemuInstance; bases: PreparedDisk['base'][]; spec: VmSpec }>;
+  nbdSocket(spec: VmSpec): string;
+  ramSocket(spec: VmSpec): string;
+  activate(name: string, from: string): void;
+  discard(name: string, cacheDir: string): Promise<void>;
+  /** one migration per session id at a time: the registry of live destination handlers */
+  live: Map<string, DestinationMigration>;
+}
+
+const cacheDirFor = (dataDir: string, uuid: string) => path.join(dataDir, 'migration-cache', uuid);
+
+/** Serves one session: `query` or one migration from `begin` to `confirm`. */
+export function serveSession(host: DestHost, session: Session, peerName: string): void {
+  const peer = new Peer(session);
+  let mig: DestinationMigration | undefined;
+  peer.on('control', (m: Control) => {
+    if (m.t === 'query') {
+      void answerQuery(host, peer, m);
+    } else if (m.t === 'begin') {
+      if (mig) return void peer.replyError(m, new FerryError('INVALID_ARGUMENT', 'one migration per session'));
+      mig = new DestinationMigration(host, peer, m.id, m.spec, m.from || peerName);
+      host.live.set(m.id, mig);
+      void mig.begin(m);
+    } else if (mig) {
+      mig.onControl(m);
+    }
+  });
+  session.on('message', (ch: number, msg: Buffer) => mig?.onData(ch, msg));
+  peer.on('closed', (why: string) => void mig?.onClosed(why));
+}
+
+async function answerQuery(host: DestHost, peer: Peer, m: Extract<Control, { t: 'query' }>): Promise<void> {
+  const live = host.live.get(m.id);
+  // A source that asks on a new session has lost the old one (it crashed or gave up): a
+  // migration still before `finishing` here can never complete — abort it now.
+  if (live) await live.settleForQuery();
+  const row = host.journal.get(m.id, 'destination');
+  await peer.reply(m, { t: 'state', phase: row?.phase ?? null });
+}
+
+export class DestinationMigration {
+  phase: DestPhase | 'begin' = 'begin';
+  private inst: QemuInstance | undefined;
+  private nbds: NbdClient[] = [];
+  private receiver: DiskReceiver | undefined;
+  private ram: RamSink | undefined;
+  private ramBacklog: Buffer[] = [];
+  private finishing: Promise<void> | undefined;
+  private spec: VmSpec;
+  /** set when the source is known gone: finishing gives up unless QEMU already completed */
+  private giveUp = false;
+
+  constructor(private readonly host: DestHost, private readonly peer: Peer, readonly id: string, spec: VmSpec, private readonly from: string) {
+    this.spec = spec;
+  }
+
+  private journal(p: DestPhase, data: Record<string, unknown> = {}): void {
+    this.phase = p;
+    this.host.journal.dest(this.id, this.spec.name, this.from, p, { uuid: this.spec.uuid, ...data });
+  }
+
+  /** Begin: every reason to refuse, at once. */
+  async begin(m: Extract<Control, { t: 'begin' }>): Promise<void> {
+    const problems: string[] = [];
+    const s = m.spec;
+    if (this.host.vmExists(s.name)) problems.push(`a VM named "${s.name}" already exists on ${this.host.hostName}`);
+    const img = this.host.imageProblem(s);
+    if (img) problems.push(img);
+    if (m.qemuVersion.split(' ')[3]?.split('.').slice(0, 2).join('.') !== this.host.qemuVersion.split(' ')[3]?.split('.').slice(0, 2).join('.')) {
+      problems.push(`QEMU versions differ: source "${m.qemuVersion}", destination "${this.host.qemuVersion}"`);
+    }
+    if (m.machine !== 'pc') problems.push(`machine type ${m.machine} is not supported here`);
+    const need = s.disks.reduce((a, d) => a + ((d as { allocatedBytes?: number }).allocatedBytes ?? d.sizeBytes), 0);
+    const st = fs.statfsSync(this.host.dataDir);
+    const free = st.bavail * st.bsize;
+    if (free < need * 1.05 + (64 << 20)) problems.push(`not enough disk space in ${this.host.dataDir}: ${Math.round(free / 2 ** 20)} MiB free, ${Math.round(need / 2 ** 20)} MiB needed`);
+    if (s.memoryMiB * 2 ** 20 > os.totalmem() - (256 << 20)) problems.push(`not enough memory: the VM needs ${s.memoryMiB} MiB, the host has ${Math.round(os.totalmem() / 2 ** 20)} MiB`);
+    if (problems.length) host_forget(this.host, this.id);
+    await this.peer.reply(m, { t: 'begin-ok', problems });
+  }
+
+  onControl(m: Control): void {
+    switch (m.t) {
+      case 'prepare':
+        void this.prepare(m);
+        break;
+      case 'verify':
+        void (async () => {
+          try {
+            await this.peer.reply(m, await this.receiver!.hashes(m.req));
+          } catch (e) {
+            await this.peer.replyError(m, e);
+          }
+        })();
+        break;
+      case 'ram-start':
+        void this.ramStart(m);
+        break;
+      case 'final':
+        this.finishing = this.finish(m.n);
+        break;
+      case 'confirm':
+        this.journal('done');
+        host_forget(this.host, this.id);
+        break;
+      case 'abort':
+        void this.abort(m.reason);
+        break;
+      default:
+        break;
+    }
+  }
+
+  onData(ch: number, msg: Buffer): void {
+    if (ch === CH.DISK) {
+      try {
+        this.receiver?.push(msg);
+      } catch (e) {
+        void this.fail(`bad disk record: ${(e as Error).message}`);
+      }
+    } else if (ch === CH.RAM) {
+      if (this.ram) this.ram.write(msg);
+      else this.ramBacklog.push(msg);
+    }
+  }
+
+  private async prepare(m: Extract<Control, { t: 'prepare' }>): Promise<void> {
+    try {
+      this.journal('prepare');
+      const r = await this.host.createIncoming(this.spec, this.from, cacheDirFor(this.host.dataDir, this.spec.uuid));
+      this.inst = r.inst;
+      this.spec = r.spec;
+      const sock = this.host.nbdSocket(this.spec);
+      await nbdServerStart(r.inst.qmp, sock);
+      for (let i = 0; i < this.spec.disks.length; i++) {
+        await exportAdd(r.inst.qmp, { id: `fm-disk${i}`, node: `disk${i}`, name: `disk${i}`, writable: true });
+        this.nbds.push(await NbdClient.connect({ path: sock }, `disk${i}`, ['base:allocation']));
+      }
+      this.receiver = new DiskReceiver(this.nbds, this.peer);
+      this.receiver.onError = (e) => void this.fail(`disk write failed: ${e.message}`);
+      this.journal('receiving');
+      await this.peer.reply(m, { t: 'prepared', disks: this.spec.disks.map((d, i) => ({ id: d.id, sizeBytes: d.sizeBytes, base: r.bases[i]! })) });
+    } catch (e) {
+      await this.peer.replyError(m, e);
+      await this.abort(`prepare failed: ${(e as Error).message}`);
+    }
+  }
+
+  private async ramStart(m: Extract<Control, { t: 'ram-start' }>): Promise<void> {
+    try {
+      const qmp = this.inst!.qmp;
+      await ramCapabilities(qmp, m.caps);
+      if (Object.keys(m.params).length) await ramParameters(qmp, m.params);
+      const sock = this.host.ramSocket(this.spec);
+      await migrateIncoming(qmp, sock);
+      this.ram = await connectToQemu(sock);
+      for (const b of this.ramBacklog.splice(0)) this.ram.write(b);
+      await this.peer.reply(m, { t: 'ram-ready' });
+    } catch (e) {
+      await this.peer.replyError(m, e);
+    }
+  }
+
+  /** FINAL barrier n: the guest is paused at the source. Verify, wait for RAM, run. */
+  private async finish(n: number): Promise<void> {
+    try {
+      this.journal('finishing');
+      const rx = this.receiver!;
+      const bad = await new Promise<number>((resolve, reject) => {
+        if (rx.lastBarrier >= n) return resolve(0);
+        rx.onBarrier = (k, mismatches) => k >= n && resolve(mismatches);
+        const t = setInterval(() => {
+          const e = rx.error();
+          if (e) {
+            clearInterval(t);
+            reject(e);
+          }
+        }, 50);
+      });
+      if (bad) throw new FerryError('VERIFY_FAILED', `${bad} block(s) of the final disk delta did not verify`);
+      const qmp = this.inst!.qmp;
+      for (;;) {
+        const st = await queryMigrate(qmp);
+        if (st.status === 'completed') break;
+        if (st.status === 'failed') throw new FerryError('QEMU_FAILED', `incoming RAM migration failed: ${st.error ?? ''}`);
+        if (this.phase === 'aborted') return;
+        if (this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before the RAM stream completed');
+        await sleep(10);
+      }
+      for (const c of this.nbds) await c.close();
+      await nbdServerStop(qmp);
+      // Integrity bookkeeping for the benchmark: what the guest writes from now on.
+      for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
+      this.journal('running');
+      await cont(qmp);
+      const at = Date.now();
+      this.host.activate(this.spec.name, this.from);
+      await this.peer.send({ t: 'running', at });
+      await announceSelf(qmp);
+    } catch (e) {
+      await this.fail((e as Error).message);
+    }
+  }
+
+  /** Tells the source this side will not run the VM, then aborts. */
+  private async fail(reason: string): Promise<void> {
+    if (this.phase === 'running' || this.phase === 'done' || this.phase === 'aborted') return;
+    await this.peer.send({ t: 'failed', reason }).catch(() => {});
+    await this.abort(reason);
+  }
+
+  async abort(reason: string): Promise<void> {
+    if (this.phase === 'running' || this.phase === 'done' || this.phase === 'aborted') return;
+    this.journal('aborted', { error: reason });
+    this.ram?.close();
+    for (const c of this.nbds) await c.close().catch(() => {});
+    if (this.inst || this.host.vmExists(this.spec.name)) await this.host.discard(this.spec.name, cacheDirFor(this.host.dataDir, this.spec.uuid)).catch(() => {});
+    host_forget(this.host, this.id);
+  }
+
+  /** The session is gone for good (its resume limit passed, or the source closed it). */
+  async onClosed(why: string): Promise<void> {
+    this.giveUp = true;
+    if (this.phase === 'finishing') {
+      await this.finishing;
+      if (this.ran()) return;
+    }
+    if (this.phase === 'running') {
+      // Ran, but the source never confirmed: it will ask (query) and then finish its side.
+      return;
+    }
+    await this.abort(`session closed: ${why}`);
+  }
+
+  private ran(): boolean {
+    return this.phase === 'running' || this.phase === 'done';
+  }
+
+  /** A query from a new session: settle this migration so the answer is final. */
+  async settleForQuery(): Promise<void> {
+    this.giveUp = true;
+    if (this.phase === 'finishing') await this.finishing;
+    if (this.phase !== 'running' && this.phase !== 'done') await this.abort('the source asked from a new session (its old one is gone)');
+  }
+}
+
+function host_forget(host: DestHost, id: string): void {
+  host.live.delete(id);
+}

@@ -1,0 +1,128 @@
+// Why this file exists: the destination half of the disk pre-copy. It applies DISK records to the
+// destination QEMU's writable NBD exports (Ferry's NBD client, pipelined), and at each barrier
+// flushes, reads every block written since the previous barrier back, and checks it against the
+// SHA-256 the source sent (zeroes for ZERO records): end-to-end verification of the write path.
+// It also answers `verify` requests with group hashes of its disks.
+import { FerryError } from '../errors.js';
+import type { NbdClient } from '../nbd/client.js';
+import { groupCount, groupHashes, isZero, select, sha256 } from './blocks.js';
+import type { Peer } from './peer.js';
+import { decodeRecord, RecordKind, type Control, type DiskRecord, type VerifyRequest } from './protocol.js';
+
+interface Written {
+  disk: number;
+  offset: number;
+  length: number;
+  hash: Buffer | null;
+}
+
+const MAX_PENDING_WRITES = 64;
+
+export class DiskReceiver {
+  private header: DiskRecord | null = null;
+  private chain: Promise<void> = Promise.resolve();
+  private pending: Promise<void>[] = [];
+  private since: Written[] = [];
+  private failed: Error | null = null;
+  receivedBytes = 0;
+  lastBarrier = 0;
+  /** the result of the FINAL barrier (the guest is paused at the source) */
+  onBarrier: ((n: number, mismatches: number) => void) | undefined;
+  /** the first write or protocol error (the migration cannot complete after it) */
+  onError: ((e: Error) => void) | undefined;
+
+  constructor(private readonly nbds: NbdClient[], private readonly peer: Peer) {}
+
+  /** Feeds one DISK-channel message (called in channel order). */
+  push(msg: Buffer): void {
+    if (this.header) {
+      const h = this.header;
+      this.header = null;
+      this.enqueue(() => this.applyData(h, msg));
+      return;
+    }
+    const r = decodeRecord(msg);
+    if (r.kind === RecordKind.DATA) this.header = r;
+    else if (r.kind === RecordKind.ZERO) this.enqueue(() => this.applyZero(r));
+    else this.enqueue(() => this.barrier(r.n));
+  }
+
+  private enqueue(fn: () => Promise<void>): void {
+    this.chain = this.chain.then(fn).catch((e) => {
+      if (this.failed) return;
+      this.failed = e as Error;
+      this.onError?.(this.failed);
+    });
+  }
+
+  private disk(i: number): NbdClient {
+    const c = this.nbds[i];
+    if (!c) throw new FerryError('TRANSPORT_PROTOCOL', `migration: record for disk ${i}, which does not exist`);
+    return c;
+  }
+
+  private async throttle(p: Promise<void>): Promise<void> {
+    this.pending.push(p.catch((e) => void (this.failed ??= e as Error)));
+    if (this.pending.length >= MAX_PENDING_WRITES) await this.pending.shift();
+  }
+
+  private async applyData(h: DiskRecord, data: Buffer): Promise<void> {
+    if (data.length !== h.length) throw new FerryError('TRANSPORT_PROTOCOL', `migration: block at ${h.offset} has ${data.length} bytes, header says ${h.length}`);
+    this.receivedBytes += data.length;
+    // A block all zeroes is written as zeroes (keeps the destination image sparse).
+    const c = this.disk(h.disk);
+    await this.throttle(isZero(data) ? c.writeZeroes(h.offset, h.length) : c.write(h.offset, data));
+    this.since.push({ disk: h.disk, offset: h.offset, length: h.length, hash: h.hash ?? null });
+  }
+
+  private async applyZero(r: DiskRecord): Promise<void> {
+    this.receivedBytes += r.length;
+    await this.throttle(this.disk(r.disk).writeZeroes(r.offset, r.length));
+    this.since.push({ disk: r.disk, offset: r.offset, length: r.length, hash: null });
+  }
+
+  /** Flush, read back, verify; answer `barrier-ok`. */
+  private async barrier(n: number): Promise<void> {
+    await Promise.all(this.pending.splice(0));
+    if (this.failed) throw this.failed;
+    for (const c of this.nbds) await c.flush();
+    const list = this.since;
+    this.since = [];
+    const mismatches: { disk: number; offset: number; length: number }[] = [];
+    let verified = 0;
+    for (let i = 0; i < list.length; i += 16) {
+      const batch = list.slice(i, i + 16);
+      const datas = await Promise.all(batch.map((w) => this.disk(w.disk).read(w.offset, w.length)));
+      batch.forEach((w, k) => {
+        const d = datas[k]!;
+        const ok = w.hash ? sha256(d).equals(w.hash) : isZero(d);
+        if (ok) verified += w.length;
+        else mismatches.push({ disk: w.disk, offset: w.offset, length: w.length });
+      });
+    }
+    this.lastBarrier = n;
+    await this.peer.send({ t: 'barrier-ok', n, verified, mismatches });
+    this.onBarrier?.(n, mismatches.length);
+  }
+
+  /** Answers a `verify` request with this end's group hashes. */
+  async hashes(req: VerifyRequest): Promise<Omit<Extract<Control, { t: 'hashes' }>, 'rid'>> {
+    await this.chain;
+    const c = this.disk(req.disk);
+    const groups = req.groups ?? Array.from({ length: groupCount(c.size, req.chunk, req.group) }, (_, i) => i);
+    const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
+    const hs = await groupHashes(c, c.size, groups, zero, req.chunk, req.group);
+    return { t: 'hashes', disk: req.disk, groups, hashes: Buffer.concat(hs).toString('base64') };
+  }
+
+  /** Resolves when everything pushed so far is applied; rejects with the first write error. */
+  async drain(): Promise<void> {
+    await this.chain;
+    await Promise.all(this.pending.splice(0));
+    if (this.failed) throw this.failed;
+  }
+
+  error(): Error | null {
+    return this.failed;
+  }
+}

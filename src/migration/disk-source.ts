@@ -1,0 +1,273 @@
+// Why this file exists: the source half of the block-level disk pre-copy. It reads the running
+// VM's disks over a local NBD export of its own QEMU (Ferry's NBD client), finds what to send
+// from QEMU dirty bitmaps (qemu:dirty-bitmap) and allocation maps (base:allocation,
+// qemu:allocation-depth), and sends DISK records in rounds:
+//
+//   round 0  what the destination lacks: the top layer when it has the template, the allocated
+//            data when it starts blank, or the hash-list difference when it holds a cached copy
+//   round k  blocks the guest dirtied during round k-1 (bitmaps rotated atomically), plus any
+//            the destination reported as mismatched
+//
+// Every round ends with a barrier the destination answers after reading back and verifying
+// every block it wrote. `verify()` compares group hashes of whole disks (two-level hash list).
+import { FerryError } from '../errors.js';
+import { NbdClient } from '../nbd/client.js';
+import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
+import type { QmpClient } from '../qemu/qmp.js';
+import { CHUNK, GROUP, groupCount, groupHashes, groupRanges, isZero, mergeRanges, select, sha256, splitAligned, totalBytes, type Range } from './blocks.js';
+import type { Peer } from './peer.js';
+import { CH, encodeRecord, RecordKind, type Control, type PreparedDisk } from './protocol.js';
+
+export interface SourceDisk {
+  index: number;
+  node: string;
+  size: number;
+  base: PreparedDisk['base'];
+}
+
+export interface DiskStats {
+  round: number;
+  /** bytes of the current round sent / planned */
+  roundDone: number;
+  roundTotal: number;
+  /** all rounds: raw bytes read and handed to the transport */
+  sentBytes: number;
+  zeroBytes: number;
+  /** bytes the guest dirtied during the last round, and per second */
+  lastDirtyBytes: number;
+  dirtyRate: number;
+  lastRoundMs: number;
+  verifiedBytes: number;
+  mismatches: number;
+}
+
+const READ_DEPTH = 16;
+
+export class DiskSender {
+  readonly stats: DiskStats = { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0 };
+  private barrier = 0;
+  /** extra ranges per disk to send next round (mismatches, differing groups) */
+  private readonly extra = new Map<number, Range[]>();
+  private bitmap = '';
+  private roundStartedAt = 0;
+
+  constructor(
+    private readonly qmp: QmpClient,
+    private readonly peer: Peer,
+    private readonly migId: string,
+    private readonly disks: SourceDisk[],
+    private readonly nbdSocket: string,
+  ) {}
+
+  private get nodes(): string[] {
+    return this.disks.map((d) => d.node);
+  }
+
+  /** Starts dirty tracking and the local NBD server; must precede the first read. */
+  async start(): Promise<void> {
+    await nbdServerStart(this.qmp, this.nbdSocket);
+    this.bitmap = bitmapName(this.migId, 1);
+    for (const n of this.nodes) await bitmapAdd(this.qmp, n, this.bitmap);
+    this.roundStartedAt = Date.now();
+  }
+
+  /** Removes every trace (bitmaps, exports, NBD server). Safe to call twice. */
+  async cleanup(): Promise<void> {
+    for (const d of this.disks) await exportDel(this.qmp, `fm-${d.node}`);
+    await nbdServerStop(this.qmp);
+    if (this.bitmap) for (const n of this.nodes) await bitmapRemove(this.qmp, n, this.bitmap);
+    this.bitmap = '';
+  }
+
+  private async open(d: SourceDisk, contexts: string[], bitmaps?: string[]): Promise<NbdClient> {
+    await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, allocationDepth: true, ...(bitmaps ? { bitmaps } : {}) });
+    return NbdClient.connect({ path: this.nbdSocket }, d.node, contexts);
+  }
+
+  private async close(d: SourceDisk, c: NbdClient): Promise<void> {
+    await c.close();
+    await exportDel(this.qmp, `fm-${d.node}`);
+  }
+
+  /** Round 0: what each destination disk lacks. Disks whose base is 'cached' are diffed by hash. */
+  async initialRound(onProgress: () => void): Promise<void> {
+    this.stats.round = 0;
+    const plans: { d: SourceDisk; ranges: Range[] }[] = [];
+    for (const d of this.disks) {
+      if (d.base === 'cached') {
+        const differ = await this.diffGroups(d, undefined);
+        plans.push({ d, ranges: groupRanges(differ, d.size) });
+        continue;
+      }
+      const c = await this.open(d, ['base:allocation', 'qemu:allocation-depth']);
+      try {
+        const ranges =
+          d.base === 'template'
+            ? select(await c.map('qemu:allocation-depth'), (f) => f === 1) // top layer only
+            : select(await c.map('base:allocation'), (f) => (f & 2) === 0); // not known to read as zero
+        plans.push({ d, ranges });
+      } finally {
+        await this.close(d, c);
+      }
+    }
+    this.stats.roundTotal = plans.reduce((a, p) => a + totalBytes(p.ranges), 0);
+    this.stats.roundDone = 0;
+    for (const p of plans) {
+      const c = await this.open(p.d, []);
+      try {
+        await this.sendRanges(p.d, c, p.ranges, onProgress, p.d.base === 'zero');
+      } finally {
+        await this.close(p.d, c);
+      }
+    }
+    await this.endRound();
+  }
+
+  /**
+   * One dirty round: rotate the bitmaps (a new one tracks from now), send what the old one
+   * recorded plus pending extras, then barrier. Returns the bytes sent. With `final`, the guest
+   * is paused: the barrier is the FINAL one, and its answer is not awaited here.
+   */
+  async dirtyRound(onProgress: () => void, final = false): Promise<number> {
+    const old = this.bitmap;
+    this.stats.round++;
+    const next = bitmapName(this.migId, this.stats.round + 1);
+    await bitmapRotate(this.qmp, this.nodes, old, next);
+    this.bitmap = next;
+    const elapsed = Date.now() - this.roundStartedAt;
+    this.roundStartedAt = Date.now();
+    const plans: { d: SourceDisk; ranges: Range[] }[] = [];
+    let dirtyBytes = 0;
+    for (const d of this.disks) {
+      const ctx = `qemu:dirty-bitmap:${old}`;
+      await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, bitmaps: [old] });
+      const c = await NbdClient.connect({ path: this.nbdSocket }, d.node, [ctx]);
+      try {
+        const dirty = select(await c.map(ctx), (f) => (f & 1) === 1);
+        dirtyBytes += totalBytes(dirty);
+        const ranges = mergeRanges([...dirty, ...(this.extra.get(d.index) ?? [])]);
+        this.extra.delete(d.index);
+        plans.push({ d, ranges });
+        this.stats.roundTotal = totalBytes(ranges);
+        this.stats.roundDone = 0;
+        await this.sendRanges(d, c, ranges, onProgress, false);
+      } finally {
+        await c.close();
+        await exportDel(this.qmp, `fm-${d.node}`);
+      }
+      await bitmapRemove(this.qmp, d.node, old);
+    }
+    this.stats.lastDirtyBytes = dirtyBytes;
+    this.stats.lastRoundMs = elapsed;
+    // Dirty rate: what the guest dirtied over the time the previous round took (EWMA).
+    const rate = elapsed > 0 ? (dirtyBytes * 1000) / elapsed : 0;
+    this.stats.dirtyRate = this.stats.dirtyRate ? 0.5 * this.stats.dirtyRate + 0.5 * rate : rate;
+    const sent = plans.reduce((a, p) => a + totalBytes(p.ranges), 0);
+    if (final) await this.sendBarrier();
+    else await this.endRound();
+    return sent;
+  }
+
+  /** Sends a barrier and returns its number (the answer arrives as `barrier-ok`). */
+  async sendBarrier(): Promise<number> {
+    const n = ++this.barrier;
+    await this.peer.session.send(CH.DISK, encodeRecord({ kind: RecordKind.BARRIER, disk: 0, offset: 0, length: 0, n }));
+    return n;
+  }
+
+  /** Waits for barrier `n`'s answer; mismatched blocks are queued for the next round. */
+  async awaitBarrier(n: number): Promise<Extract<Control, { t: 'barrier-ok' }>> {
+    const ok = await this.peer.next((m): m is Extract<Control, { t: 'barrier-ok' }> => m.t === 'barrier-ok' && m.n === n);
+    this.stats.verifiedBytes += ok.verified;
+    for (const m of ok.mismatches) {
+      this.stats.mismatches++;
+      this.extra.set(m.disk, [...(this.extra.get(m.disk) ?? []), { offset: m.offset, length: m.length }]);
+    }
+    return ok;
+  }
+
+  private async endRound(): Promise<void> {
+    await this.awaitBarrier(await this.sendBarrier());
+  }
+
+  /** Mismatches reported by the destination that are still to be re-sent. */
+  pendingExtra(): number {
+    let n = 0;
+    for (const rs of this.extra.values()) n += totalBytes(rs);
+    return n;
+  }
+
+  /**
+   * Compares whole disks by group hashes (all groups, or a random `sampleFraction` of them);
+   * differing groups are re-sent in the next round. Returns the number of groups compared.
+   */
+  async verify(sampleFraction?: number): Promise<{ groups: number; differing: number }> {
+    let groups = 0;
+    let differing = 0;
+    for (const d of this.disks) {
+      const n = groupCount(d.size);
+      let pick: number[] | undefined;
+      if (sampleFraction !== undefined && sampleFraction < 1) {
+        pick = [];
+        for (let g = 0; g < n; g++) if (Math.random() < sampleFraction) pick.push(g);
+        if (!pick.length) pick.push(Math.floor(Math.random() * n));
+      }
+      const diff = await this.diffGroups(d, pick);
+      groups += pick ? pick.length : n;
+      differing += diff.length;
+      if (diff.length) this.extra.set(d.index, [...(this.extra.get(d.index) ?? []), ...groupRanges(diff, d.size)]);
+    }
+    return { groups, differing };
+  }
+
+  /** Group indexes whose hashes differ between the two ends (both hash at the same time). */
+  private async diffGroups(d: SourceDisk, pick: number[] | undefined): Promise<number[]> {
+    const all = pick ?? Array.from({ length: groupCount(d.size) }, (_, i) => i);
+    const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group: GROUP, ...(pick ? { groups: pick } : {}) } });
+    const c = await this.open(d, ['base:allocation']);
+    let mine: Buffer[];
+    try {
+      const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
+      mine = await groupHashes(c, d.size, all, zero);
+    } finally {
+      await this.close(d, c);
+    }
+    const theirs = await remote;
+    const hb = Buffer.from(theirs.hashes, 'base64');
+    if (theirs.groups.length !== all.length || hb.length !== 32 * all.length) throw new FerryError('TRANSPORT_PROTOCOL', 'migration: hash list of the wrong length');
+    const out: number[] = [];
+    all.forEach((g, i) => {
+      if (!hb.subarray(i * 32, i * 32 + 32).equals(mine[i]!)) out.push(g);
+    });
+    return out;
+  }
+
+  /** Reads `ranges` (pipelined) and sends them as DATA/ZERO records, in order. */
+  private async sendRanges(d: SourceDisk, c: NbdClient, ranges: Range[], onProgress: () => void, skipZero: boolean): Promise<void> {
+    const pieces = splitAligned(ranges, CHUNK);
+    const reads: Promise<Buffer>[] = [];
+    let next = 0;
+    const refill = () => {
+      while (reads.length < READ_DEPTH && next < pieces.length) {
+        const p = pieces[next++]!;
+        reads.push(c.read(p.offset, p.length));
+      }
+    };
+    refill();
+    for (const p of pieces) {
+      const data = await reads.shift()!;
+      refill();
+      const s = this.peer.session;
+      if (isZero(data)) {
+        this.stats.zeroBytes += p.length;
+        if (!skipZero) await s.send(CH.DISK, encodeRecord({ kind: RecordKind.ZERO, disk: d.index, offset: p.offset, length: p.length, n: this.stats.round }));
+      } else {
+        await s.send(CH.DISK, encodeRecord({ kind: RecordKind.DATA, disk: d.index, offset: p.offset, length: p.length, n: this.stats.round, hash: sha256(data) }));
+        await s.send(CH.DISK, data);
+      }
+      this.stats.sentBytes += p.length;
+      this.stats.roundDone += p.length;
+      onProgress();
+    }
+  }
+}

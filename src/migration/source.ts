@@ -1,0 +1,378 @@
+// Why this file exists: the source side of Ferry's live migration — the driver of the phased
+// protocol (protocol.ts has the message flow and the state diagram). One SourceMigration moves
+// one running VM to one trusted peer over one transport session:
+//
+//   begin      local checks, dial, peer's checks (every refusal at once)
+//   prepare    destination creates disks and an -incoming QEMU
+//   disk       round 0, dirty rounds, whole-disk hash verification (converge.ts decides throttling)
+//   ram        QEMU's stream through the transport while disk rounds continue
+//   switchover QEMU paused at pre-switchover: final disk round + FINAL barrier, migrate-continue
+//   confirm    destination runs: quit the source QEMU, delete the source copy
+//
+// Before `switchover` any failure rolls back (the VM never stopped running here). From
+// `switchover` on, the VM runs here again only when the destination said it will not run it
+// (`failed`, or `aborted` in answer to a query); if the destination cannot be asked, the VM
+// stays paused here and the question is repeated: never on two hosts at once.
+import crypto from 'node:crypto';
+import { FerryError } from '../errors.js';
+import { ioThrottle, migrateCancel, migrateContinue, migrateTo, queryMigrate, ramCapabilities, ramParameters, runState, cont, type RamStatus } from '../qemu/migration-ops.js';
+import type { QemuInstance } from '../qemu/instance.js';
+import type { GuestStats } from '../qemu/serial.js';
+import type { Session } from '../transport/session.js';
+import { sleep } from '../util/wait.js';
+import type { VmSpec } from '../vm/spec.js';
+import { decide, paceRam, type ConvergeDecision } from './converge.js';
+import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
+import type { Journal, SourcePhase } from './journal.js';
+import { Peer } from './peer.js';
+import { type Control, type PreparedDisk } from './protocol.js';
+import { listenForQemu, type RamSource } from './ram-pipe.js';
+
+export interface MigrateOptions {
+  /** trusted host name and its transport URL (ferry://host:port) */
+  to: string;
+  url: string;
+  /** cap on this migration's wire rate, bytes/s (0 = none) */
+  bandwidth: number;
+  maxDowntimeMs: number;
+  timeoutSec: number;
+  verify: 'full' | 'sample';
+  xbzrle: boolean;
+  /** keep the source VM defined (stopped) with its disks after the move, as libvirt does */
+  keepSource: boolean;
+}
+
+/** What the agent needs from its host to run a source migration. */
+export interface SourceHost {
+  hostName: string;
+  qemuVersion: string;
+  journal: Journal;
+  dial(url: string, o: { resumeLimitMs: number; rateBytesPerSec: number }): Promise<Session>;
+  vm(name: string): { spec: VmSpec; inst: QemuInstance; state: string };
+  guestStats(name: string): GuestStats;
+  allocatedBytes(spec: VmSpec): number[];
+  nbdSocket(spec: VmSpec): string;
+  ramSocket(spec: VmSpec): string;
+  reserve(name: string): void;
+  release(name: string): void;
+  migratedAway(name: string, to: string, keep: boolean): Promise<void>;
+}
+
+export interface MigrationView {
+  id: string;
+  vm: string;
+  role: 'source';
+  to: string;
+  phase: SourcePhase;
+  startedAt: number;
+  endedAt?: number;
+  error?: { code: string; message: string };
+  disk: DiskStats & { total: number };
+  ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
+  wire: { sentBytes: number; resentFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
+  etaSec: number | null;
+  predictedDowntimeMs: number | null;
+  ioThrottleBps: number;
+  note: string;
+  verify: { mode: 'full' | 'sample'; groups: number; differing: number } | null;
+  result?: { totalMs: number; pausedMs: number; qemuDowntimeMs?: number };
+  /** source guest probes when QEMU paused it, and at the end (for the benchmark) */
+  atSwitchover: GuestStats | null;
+  final: GuestStats | null;
+}
+
+export class SourceMigration {
+  readonly id = crypto.randomBytes(16).toString('hex');
+  readonly view: MigrationView;
+  private session: Session | undefined;
+  private peer: Peer | undefined;
+  private sender: DiskSender | undefined;
+  private ramSrc: RamSource | undefined;
+  private cancelled: string | null = null;
+  private linkRate = 0;
+  private decision: ConvergeDecision | undefined;
+  private readonly t0 = Date.now();
+
+  constructor(private readonly host: SourceHost, readonly vmName: string, private readonly o: MigrateOptions) {
+    this.view = {
+      id: this.id, vm: vmName, role: 'source', to: o.to, phase: 'begin', startedAt: this.t0,
+      disk: { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0, total: 0 },
+      ram: null, wire: { sentBytes: 0, resentFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
+      etaSec: null, predictedDowntimeMs: null, ioThrottleBps: 0, note: '', verify: null, atSwitchover: null, final: null,
+    };
+  }
+
+  private phase(p: SourcePhase, error?: string): void {
+    this.view.phase = p;
+    this.host.journal.source(this.id, this.vmName, this.o.to, p, { to: this.o.to, url: this.o.url, ...(error ? { error } : {}) });
+  }
+
+  /** Asks the migration to stop; honoured until the switchover starts. */
+  cancel(reason = 'cancelled by operator'): boolean {
+    if (['switchover', 'confirm', 'done', 'failed', 'cancelled', 'rollback'].includes(this.view.phase)) return false;
+    this.cancelled = reason;
+    this.session?.close(reason);
+    return true;
+  }
+
+  private check(): void {
+    if (this.cancelled) throw new FerryError('MIGRATION_CANCELLED', this.cancelled);
+    if (Date.now() - this.t0 > this.o.timeoutSec * 1000) throw new FerryError('TIMEOUT', `migration did not finish within ${this.o.timeoutSec} s`);
+  }
+
+  /** Runs the whole migration; resolves when it ended (view.phase says how). */
+  async run(): Promise<void> {
+    const { spec, inst } = this.host.vm(this.vmName);
+    this.host.reserve(this.vmName);
+    const sampler = setInterval(() => this.sample(), 500);
+    try {
+      this.phase('begin');
+      await this.perform(spec, inst);
+    } catch (e) {
+      const fe = e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', (e as Error).message, { cause: e });
+      this.view.error = { code: fe.code, message: fe.message };
+      await this.afterError(spec, inst, fe);
+    } finally {
+      clearInterval(sampler);
+      this.sample();
+      this.view.endedAt = Date.now();
+      this.ramSrc?.close();
+      this.session?.close(this.view.phase === 'done' ? 'migration done' : 'migration ended');
+      this.host.release(this.vmName);
+    }
+  }
+
+  private async perform(spec: VmSpec, inst: QemuInstance): Promise<void> {
+    const qmp = inst.qmp;
+    // ── Begin ──
+    const state = this.host.vm(this.vmName).state;
+    if (state !== 'running') throw new FerryError('VM_NOT_RUNNING', `VM "${this.vmName}" is ${state}; only a running VM can be live-migrated`);
+    this.session = await this.host.dial(this.o.url, { resumeLimitMs: this.o.timeoutSec * 1000, rateBytesPerSec: this.o.bandwidth });
+    this.peer = new Peer(this.session);
+    const allocated = this.host.allocatedBytes(spec);
+    const begin = await this.peer.request<Extract<Control, { t: 'begin-ok' }>>({ t: 'begin', id: this.id, spec: { ...spec, disks: spec.disks.map((d, i) => ({ ...d, allocatedBytes: allocated[i] ?? d.sizeBytes })) } as VmSpec, from: this.host.hostName, qemuVersion: this.host.qemuVersion, machine: 'pc' }, 60_000);
+    if (begin.problems.length) throw new FerryError('MIGRATION_REFUSED', `${this.o.to} refuses the migration: ${begin.problems.join('; ')}`, { details: { problems: begin.problems } });
+    this.check();
+
+    // ── Prepare ──
+    this.phase('prepare');
+    const prep = await this.peer.request<Extract<Control, { t: 'prepared' }>>({ t: 'prepare', id: this.id }, 120_000);
+    this.check();
+    const disks: SourceDisk[] = prep.disks.map((d: PreparedDisk, index) => ({ index, node: `disk${index}`, size: d.sizeBytes, base: d.base }));
+    this.view.disk.total = disks.reduce((a, d) => a + d.size, 0);
+
+    // ── Perform: disk ──
+    this.phase('disk');
+    const sender = (this.sender = new DiskSender(qmp, this.peer, this.id, disks, this.host.nbdSocket(spec)));
+    await sender.start();
+    await sender.initialRound(() => this.sample());
+    this.check();
+    let verified = false;
+    for (;;) {
+      await sender.dirtyRound(() => this.sample());
+      this.check();
+      const d = this.control(qmp);
+      await this.applyThrottle(qmp, spec, (await d).ioThrottleBps);
+      if (!verified && (await d).startRam) {
+        const v = await sender.verify(this.o.verify === 'sample' ? 0.05 : undefined);
+        this.view.verify = { mode: this.o.verify, ...v };
+        verified = true;
+        continue;
+      }
+      if (verified && (await d).startRam && sender.pendingExtra() === 0) break;
+    }
+
+    // ── Perform: RAM ──
+    this.phase('ram');
+    const ramSock = this.host.ramSocket(spec);
+    this.ramSrc = await listenForQemu(ramSock, this.session);
+    const caps = { xbzrle: this.o.xbzrle, autoConverge: true };
+    const params = this.ramParams(this.decision!);
+    await ramCapabilities(qmp, caps);
+    await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': Math.min(256, Math.max(16, spec.memoryMiB / 4)) * 2 ** 20 } : {}) });
+    await this.peer.request({ t: 'ram-start', caps, params: {} }, 60_000);
+    await migrateTo(qmp, ramSock);
+    const ramT0 = Date.now();
+    let stopDisk = false;
+    const diskLoop = (async () => {
+      while (!stopDisk) {
+        await sender.dirtyRound(() => {});
+        if (!stopDisk) await sleep(200);
+      }
+    })();
+    let lastParams = 0;
+    let lastPace = 0;
+    let bandwidth = params['max-bandwidth']!;
+    let st: RamStatus;
+    try {
+      for (;;) {
+        st = await queryMigrate(qmp);
+        this.view.ram = { transferred: st.transferred, remaining: st.remaining, total: st.total, dirtyBytesPerSec: st.dirtyPagesRate * st.pageSize, cpuThrottle: st.cpuThrottle, streamBytes: this.ramSrc.bytes() };
+        if (st.status === 'pre-switchover') break;
+        if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `QEMU's RAM migration ${st.status}: ${st.error ?? ''}`);
+        this.check();
+        if (Date.now() - lastPace > 250) {
+          lastPace = Date.now();
+          const next = paceRam(bandwidth, this.session.unackedPayload / this.session.window());
+          if (Math.abs(next - bandwidth) > bandwidth * 0.1) await ramParameters(qmp, { 'max-bandwidth': (bandwidth = next) });
+        }
+        if (Date.now() - lastParams > 1000) {
+          lastParams = Date.now();
+          const d = await this.control(qmp, (Date.now() - ramT0) / 1000);
+          await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
+          await this.applyThrottle(qmp, spec, d.ioThrottleBps);
+        }
+        await Promise.race([sleep(50), diskLoop]);
+      }
+    } catch (e) {
+      stopDisk = true;
+      await diskLoop.catch(() => {});
+      throw e;
+    }
+
+    // ── Switchover (the guest is paused by QEMU) ──
+    this.phase('switchover');
+    const pausedAt = Date.now();
+    this.view.atSwitchover = this.host.guestStats(this.vmName);
+    stopDisk = true;
+    await diskLoop;
+    await sender.dirtyRound(() => {}, true);
+    const finalN = await sender.sendBarrier();
+    await sender.cleanup(); // every read is done: nothing may hold the disks when QEMU inactivates them
+    await this.peer.send({ t: 'final', n: finalN });
+    const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
+    await migrateContinue(qmp);
+    const answer = await outcome;
+    if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
+
+    // ── Confirm ──
+    this.phase('confirm');
+    const q = await queryMigrate(qmp).catch(() => undefined);
+    this.view.final = this.host.guestStats(this.vmName);
+    this.view.result = { totalMs: Date.now() - this.t0, pausedMs: answer.at - pausedAt, ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}) };
+    await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
+    await this.peer.send({ t: 'confirm' }).catch(() => {});
+    await this.session.flush().catch(() => {});
+    this.phase('done');
+  }
+
+  private ramParams(d: ConvergeDecision): Record<string, number> {
+    return { 'downtime-limit': d.downtimeLimitMs, 'max-bandwidth': d.maxBandwidth, 'throttle-trigger-threshold': d.throttleTrigger };
+  }
+
+  /** Feeds the controller with what was measured; keeps its decision for the view. */
+  private async control(qmp: QemuInstance['qmp'], secondsInRam?: number): Promise<ConvergeDecision> {
+    const s = this.session!;
+    const st = s.stats;
+    const ratio = (ch: number) => {
+      const c = st.channels[ch];
+      return c && c.reduced > 0 ? c.raw / c.reduced : 1;
+    };
+    const ram = secondsInRam !== undefined ? await queryMigrate(qmp) : undefined;
+    const d = decide({
+      linkBytesPerSec: this.linkRate || s.drainRate() || 1e6,
+      rttMs: st.minRttMs || 50,
+      maxDowntimeMs: this.o.maxDowntimeMs,
+      diskRatio: ratio(3),
+      ramRatio: ratio(2),
+      diskDirtyRate: this.sender!.stats.dirtyRate,
+      diskLastDirtyBytes: this.sender!.stats.lastDirtyBytes,
+      rounds: this.sender!.stats.round,
+      ...(ram ? { ram: { remaining: ram.remaining, dirtyBytesPerSec: ram.dirtyPagesRate * ram.pageSize, secondsInRam: secondsInRam! } } : {}),
+    });
+    this.decision = d;
+    this.view.predictedDowntimeMs = d.predictedDowntimeMs;
+    this.view.note = d.note;
+    return d;
+  }
+
+  private async applyThrottle(qmp: QemuInstance['qmp'], spec: VmSpec, bps: number): Promise<void> {
+    if (bps === this.view.ioThrottleBps) return;
+    for (let i = 0; i < spec.disks.length; i++) await ioThrottle(qmp, `vd${i}`, bps);
+    this.view.ioThrottleBps = bps;
+  }
+
+  /** Refreshes the view's rates, ETA and wire figures. */
+  private sample(): void {
+    const s = this.session;
+    if (this.sender) this.view.disk = { ...this.sender.stats, total: this.view.disk.total };
+    if (!s) return;
+    const drain = s.drainRate();
+    // The link's capacity: the best drain seen while the window was full (bulk copy).
+    if (this.view.phase === 'disk' && drain > this.linkRate) this.linkRate = drain;
+    this.view.wire = { sentBytes: s.stats.wireBytesSent, resentFrames: s.stats.framesResent, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
+    const disk = this.view.disk;
+    const rate = Math.max(this.linkRate, drain, 1);
+    const diskRatio = s.stats.channels[3] && s.stats.channels[3].reduced ? s.stats.channels[3].raw / s.stats.channels[3].reduced : 1;
+    if (this.view.phase === 'disk') this.view.etaSec = Math.round(((disk.roundTotal - disk.roundDone) / diskRatio + 2 * (this.view.ram?.total ?? 0) / 20) / rate);
+    else if (this.view.phase === 'ram' && this.view.ram) this.view.etaSec = Math.round(this.view.ram.remaining / 20 / rate + 1);
+    else if (this.view.phase === 'switchover' || this.view.phase === 'confirm') this.view.etaSec = 0;
+  }
+
+  /** Failure handling: roll back before the switchover; after it, resolve the doubt first. */
+  private async afterError(spec: VmSpec, inst: QemuInstance, e: FerryError): Promise<void> {
+    const qmp = inst.qmp;
+    const atOrAfterSwitch = ['switchover', 'confirm'].includes(this.view.phase);
+    if (this.view.phase === 'confirm') {
+      // The destination runs the VM: finish the source side whatever failed here.
+      await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource).catch(() => {});
+      this.phase('done');
+      return;
+    }
+    if (atOrAfterSwitch && e.message.startsWith('destination could not take over') === false) {
+      // The destination's answer was lost: ask it until it says (the VM stays paused here).
+      const verdict = await this.askDestination();
+      if (verdict === 'running') {
+        this.view.final = this.host.guestStats(this.vmName);
+        await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource).catch(() => {});
+        this.view.error = undefined;
+        this.phase('done');
+        return;
+      }
+    }
+    this.phase('rollback', e.message);
+    await rollbackSource(qmp, spec, this.sender);
+    this.phase(e.code === 'MIGRATION_CANCELLED' ? 'cancelled' : 'failed', e.message);
+    if (this.peer && !this.session?.isClosed()) await this.peer.send({ t: 'abort', reason: e.message }).catch(() => {});
+  }
+
+  /** Repeats `query` on fresh sessions until the destination gives a definite answer. */
+  private async askDestination(): Promise<'running' | 'not-running'> {
+    return askDestination(this.host, this.o.url, this.id, (m) => (this.view.note = m));
+  }
+}
+
+/**
+ * Asks the destination for migration `id`'s phase, on fresh sessions, until it answers. `running`
+ * or `done` means it runs the VM; anything else (aborted, unknown) means it never will.
+ */
+export async function askDestination(host: Pick<SourceHost, 'dial'>, url: string, id: string, note: (m: string) => void): Promise<'running' | 'not-running'> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const s = await host.dial(url, { resumeLimitMs: 30_000, rateBytesPerSec: 0 });
+      try {
+        const r = await new Peer(s).request<Extract<Control, { t: 'state' }>>({ t: 'query', id }, 60_000);
+        return r.phase === 'running' || r.phase === 'done' ? 'running' : 'not-running';
+      } finally {
+        s.close('query answered');
+      }
+    } catch (e) {
+      note(`destination unreachable (${(e as Error).message}); the VM stays paused here until it answers (attempt ${attempt})`);
+      await sleep(Math.min(30_000, 1000 * attempt));
+    }
+  }
+}
+
+/** Puts the source VM back the way it was: no migration, no throttle, no bitmaps, running. */
+export async function rollbackSource(qmp: QemuInstance['qmp'], spec: VmSpec, sender?: DiskSender): Promise<void> {
+  await migrateCancel(qmp);
+  for (let i = 0; i < 100; i++) {
+    const s = await queryMigrate(qmp).catch(() => undefined);
+    if (!s || !['active', 'pre-switchover', 'cancelling', 'device', 'setup'].includes(s.status)) break;
+    await sleep(50);
+  }
+  if (sender) await sender.cleanup().catch(() => {});
+  for (let i = 0; i < spec.disks.length; i++) await ioThrottle(qmp, `vd${i}`, 0).catch(() => {});
+  const rs = await runState(qmp).catch(() => 'unknown');
+  if (rs !== 'running') await cont(qmp).catch(() => {});
+}
