@@ -6,13 +6,15 @@
 // every record the guest reported durable before it). Every run is bounded by a timeout and a
 // failed run is recorded as failed, never dropped.
 //
-// Contenders: QEMU native (libvirt-style) with a named tuning; Ferry's own migration joins when
-// it exists (the migration issue) — until then a Ferry row is recorded as "not implemented".
+// Contenders: QEMU native (libvirt-style) with a named tuning, and Ferry's own migration
+// (src/migration/), each in a fresh lab with the same scenario and seed.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { MigrationJob } from '../agent/native-migration.js';
 import type { VmView } from '../agent/vms.js';
+import { progressLine } from '../cli/migrate.js';
+import type { MigrationView } from '../migration/source.js';
 import type { AgentClient } from '../cli/client.js';
 import { GUEST_IMAGE } from '../config.js';
 import { readImage } from '../image/catalog.js';
@@ -42,6 +44,8 @@ export interface RunResult {
   wireBytesFwd?: number;
   wireBytesRev?: number;
   linkLimitSec?: number;
+  /** share of transport frames sent more than once (Ferry only) */
+  resentPct?: number;
   /** libvirt-style --timeout suspended the guest at this many seconds */
   suspendedAtSec?: number;
   integrity?: { disksEqual: boolean; differingBlocks: number; recordsOk: boolean; durableSeq: number; detail: string };
@@ -99,15 +103,7 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
   const result: RunResult = { contender, ok: false, samples };
   const image = readImage(JSON.parse(fs.readFileSync(path.join(h1.dataDir, 'agent.json'), 'utf8')).imagesDir, GUEST_IMAGE);
   try {
-    // The VM: system disk overlay on the template (both hosts have it), data disk with used data.
-    const dataFile = path.join(h1.dataDir, 'import', `data-${s.seed}-${variant}.qcow2`);
-    say(`  preparing a ${Math.round(s.diskBytes / 2 ** 20)} MiB data disk with ${Math.round(s.usedBytes / 2 ** 20)} MiB used`);
-    await makeDataDisk(dataFile, s, image.root);
-    await src.post('/v1/vms', { name: VM, image: GUEST_IMAGE, memoryMiB: s.memoryMiB, disks: [{ file: dataFile }], workload: { heartbeatHz: 10, writeRate: s.writeRate, seed: s.seed, dirtyMiB: s.dirtyMiB } });
-    await src.post(`/v1/vms/${VM}/start`);
-    await waitFor('the guest to boot', 180_000, async () => ((await src.get<GuestStats>(`/v1/vms/${VM}/guest`)).ready ? true : undefined), { everyMs: 500 });
-    await sleep(5000);
-    const spec = (await src.get<VmView>(`/v1/vms/${VM}`)).spec;
+    const spec = await setupVm(src, h1.dataDir, s, variant, image.root, say);
 
     await relayCommand(lab, { op: 'reset' });
     const t0 = Date.now();
@@ -147,14 +143,49 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
       if (j.state === 'failed') throw new Error(`destination: ${j.error}`);
       return j.state === 'completed' ? j : undefined;
     }, { everyMs: 100, retryErrors: false });
+    await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: job.final!, atSwitchover: job.atSwitchover, say });
+  } catch (e) {
+    result.ok = false;
+    result.error = (e as Error).message;
+    say(`  ${contender} FAILED: ${result.error}`);
+  } finally {
+    await src.del(`/v1/vms/${VM}?force=true`).catch(() => {});
+    await dst.del(`/v1/vms/${VM}?force=true`).catch(() => {});
+  }
+  return result;
+}
+
+type Host = LabState['hosts'][0];
+
+/** The VM of a run: system disk overlay on the template (both hosts have it), data disk with used data. */
+async function setupVm(src: AgentClient, dataDir: string, s: Scenario, tag: string, template: string, say: (m: string) => void): Promise<VmView['spec']> {
+  const dataFile = path.join(dataDir, 'import', `data-${s.seed}-${tag}.qcow2`);
+  say(`  preparing a ${Math.round(s.diskBytes / 2 ** 20)} MiB data disk with ${Math.round(s.usedBytes / 2 ** 20)} MiB used`);
+  await makeDataDisk(dataFile, s, template);
+  await src.post('/v1/vms', { name: VM, image: GUEST_IMAGE, memoryMiB: s.memoryMiB, disks: [{ file: dataFile }], workload: { heartbeatHz: 10, writeRate: s.writeRate, seed: s.seed, dirtyMiB: s.dirtyMiB } });
+  await src.post(`/v1/vms/${VM}/start`);
+  await waitFor('the guest to boot', 180_000, async () => ((await src.get<GuestStats>(`/v1/vms/${VM}/guest`)).ready ? true : undefined), { everyMs: 500 });
+  await sleep(5000);
+  return (await src.get<VmView>(`/v1/vms/${VM}`)).spec;
+}
+
+/**
+ * After a completed migration: guest-seen downtime (largest heartbeat gap on either host and
+ * across the switch) and integrity (destination disks vs the source's final disks outside the
+ * post-switchover writes; the guest checker up to the last durable record before the pause).
+ */
+async function measureAfter(result: RunResult, o: { dst: AgentClient; h1: Host; h2: Host; spec: VmView['spec']; image: { tool: string }; s: Scenario; srcFinal: GuestStats; atSwitchover: GuestStats | null; say: (m: string) => void }): Promise<void> {
+  const { dst, h1, h2, spec, image, s, say } = o;
+  {
     const dstStats = await waitFor('heartbeats on the destination', 60_000, async () => {
       const g = await dst.get<GuestStats>(`/v1/vms/${VM}/guest`);
       return g.heartbeats >= 20 ? g : undefined;
     });
-    const srcFinal = job.final!;
+    const srcFinal = o.srcFinal;
     const across = dstStats.firstHeartbeatAt! - srcFinal.lastHeartbeatAt!;
     result.guestDowntimeMs = Math.max(srcFinal.maxGapMs, across, dstStats.maxGapMs);
-    say(`  done in ${result.totalSec.toFixed(0)} s; guest saw a ${Math.round(result.guestDowntimeMs)} ms gap (QEMU says ${result.qemuDowntimeMs} ms); wire ${Math.round(w.fwd / 2 ** 20)} MiB`);
+    say(`  heartbeat gaps: source during pre-copy ${Math.round(srcFinal.maxGapMs)} ms, across the switch ${Math.round(across)} ms, destination after ${Math.round(dstStats.maxGapMs)} ms`);
+    say(`  done in ${result.totalSec!.toFixed(0)} s; guest saw a ${Math.round(result.guestDowntimeMs)} ms gap (QEMU says ${result.qemuDowntimeMs} ms); wire ${Math.round(result.wireBytesFwd! / 2 ** 20)} MiB`);
 
     // Integrity.
     const dirty = await dst.post<Record<string, { offset: number; length: number }[]>>(`/v1/vms/${VM}/dirty-since-switchover`);
@@ -168,12 +199,66 @@ export async function runNative(lab: LabState, s: Scenario, variant: string, say
       differing += n;
       details.push(`${d.id}: ${n} differing 4 KiB blocks outside ${(dirty[d.id] ?? []).length} post-switchover extents`);
     }
-    const durableSeq = job.atSwitchover?.lastDurableSeq ?? 0;
+    const durableSeq = o.atSwitchover?.lastDurableSeq ?? 0;
     const check = await checkDisk(image.tool, path.join(h2.dataDir, 'vms', VM, 'vdb.qcow2'), s.seed, durableSeq);
-    result.integrity = { disksEqual: differing === 0, differingBlocks: differing, recordsOk: check.ok, durableSeq, detail: `${details.join('; ')}; ${check.output.split('\n').pop()}` };
+    result.integrity = { disksEqual: differing === 0, differingBlocks: differing, recordsOk: check.ok, durableSeq, detail: `${details.join('; ')}; ${check.ok ? check.output.split('\n').pop() : check.output.split('\n').slice(-6).join(' / ')}` };
     result.ok = differing === 0 && check.ok;
     if (!result.ok) result.error = `integrity: ${result.integrity.detail}`;
     say(`  integrity: ${result.ok ? 'OK' : 'FAILED'} (${result.integrity.detail})`);
+  }
+}
+
+/** Ferry's own live migration (src/migration/), measured exactly like the native runs. */
+export async function runFerry(
+  lab: LabState,
+  s: Scenario,
+  say: (m: string) => void,
+  o: { maxDowntimeMs?: number; verify?: 'full' | 'sample'; cut?: { seconds: number; afterSeconds: number; flap: boolean }; onProgress?: (v: MigrationView) => Promise<void> | void; afterMigration?: (v: MigrationView, spec: VmView['spec']) => Promise<void> | void } = {},
+): Promise<RunResult & { view?: MigrationView }> {
+  const contender = 'ferry';
+  const [h1, h2] = lab.hosts as [Host, Host];
+  const src: AgentClient = labClient(h1);
+  const dst: AgentClient = labClient(h2);
+  const prof = getProfile(s.profile);
+  const samples: Sample[] = [];
+  const result: RunResult = { contender, ok: false, samples };
+  const image = readImage(JSON.parse(fs.readFileSync(path.join(h1.dataDir, 'agent.json'), 'utf8')).imagesDir, GUEST_IMAGE);
+  try {
+    const spec = await setupVm(src, h1.dataDir, s, 'ferry', image.root, say);
+    await relayCommand(lab, { op: 'reset' });
+    const t0 = Date.now();
+    say(`  ${contender}: migrating h1 → h2 (${prof.description})`);
+    const started = await src.post<MigrationView>(`/v1/vms/${VM}/migrate`, { to: h2.name, keepSource: true, timeoutSec: s.timeoutSec, maxDowntimeMs: o.maxDowntimeMs ?? 300, verify: o.verify ?? 'full' });
+    const cut = o.cut ?? prof.outage;
+    if (cut) {
+      await labCut(lab.name, { seconds: cut.seconds, flap: cut.flap, inSeconds: cut.afterSeconds });
+      say(`  outage of ${cut.seconds} s scheduled at t+${cut.afterSeconds} s${cut.flap ? ' (flap)' : ''}`);
+    }
+    let lastLog = 0;
+    const view = await waitFor<MigrationView>('the migration', s.timeoutSec * 1000 + 60_000, async () => {
+      const v = await src.get<MigrationView>(`/v1/migrations/${started.id}`);
+      const w = wire(await relayCommand(lab, { op: 'status' }));
+      const t = (Date.now() - t0) / 1000;
+      samples.push({ t, wireFwd: w.fwd, wireRev: w.rev, phase: v.phase });
+      await o.onProgress?.(v);
+      if (t - lastLog >= 30) {
+        lastLog = t;
+        say(`  t+${t.toFixed(0)}s ${progressLine(v)}`);
+      }
+      return v.endedAt ? v : undefined;
+    }, { everyMs: 500, retryErrors: false });
+    const w = wire(await relayCommand(lab, { op: 'status' }));
+    (result as RunResult & { view?: MigrationView }).view = view;
+    if (view.phase !== 'done') throw new Error(view.error ? `[${view.error.code}] ${view.error.message}` : `ended in phase ${view.phase}`);
+    await o.afterMigration?.(view, spec);
+    result.totalSec = view.result!.totalMs / 1000;
+    result.qemuDowntimeMs = view.result!.qemuDowntimeMs;
+    result.wireBytesFwd = w.fwd;
+    result.wireBytesRev = w.rev;
+    result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
+    result.resentPct = view.wire.framesSent ? (100 * view.wire.resentFrames) / view.wire.framesSent : 0;
+    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames`);
+    await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: view.final!, atSwitchover: view.atSwitchover, say });
   } catch (e) {
     result.ok = false;
     result.error = (e as Error).message;
@@ -204,7 +289,13 @@ export async function benchMigrate(s: Scenario, o: { variants: string[]; ferry: 
     }
   }
   if (o.ferry) {
-    report.runs.push({ contender: 'ferry', ok: false, error: "not implemented yet: Ferry's own migration is the open migration issue", samples: [] });
+    await labDown('bench', { force: true });
+    const lab = await labUp({ name: 'bench', base: '10.220', profile: s.profile, seed: s.seed, cc: s.cc, scheduleOutage: false, say: () => {} });
+    try {
+      report.runs.push(await runFerry(lab, s, o.say));
+    } finally {
+      await labDown('bench', { force: true });
+    }
   }
   return report;
 }

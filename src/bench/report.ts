@@ -17,14 +17,14 @@ export function markdownTable(r: BenchReport): string {
   const lines = [
     `Scenario: ${s.profile} (${p.description}), TCP ${s.cc} on both ends; native runs suspend the guest after ${s.suspendAfterSec ?? 'never'} s if not converged (libvirt --timeout); VM ${s.memoryMiB} MiB RAM, data disk ${mib(s.diskBytes)} MiB with ${mib(s.usedBytes)} MiB used, guest writing ${(s.writeRate / 1024).toFixed(0)} KiB/s and dirtying ${s.dirtyMiB} MiB of RAM; seed ${s.seed}; ${r.startedAt}.`,
     '',
-    '| contender | result | total (s) | guest-seen downtime (ms) | QEMU downtime (ms) | wire → (MiB) | wire ← (MiB) | link-limit (s) | integrity | vs best native (time) |',
-    '|---|---|---|---|---|---|---|---|---|---|',
+    '| contender | result | total (s) | guest-seen downtime (ms) | QEMU downtime (ms) | wire → (MiB) | wire ← (MiB) | link-limit (s) | re-sent | integrity | vs best native (time) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const x of r.runs) {
     const integ = x.integrity ? `${x.integrity.disksEqual ? 'disks equal' : `${x.integrity.differingBlocks} blocks differ`}, ${x.integrity.recordsOk ? `records ≤ ${x.integrity.durableSeq} OK` : 'records FAIL'}` : '–';
     const ratio = best && x.ok ? (x.totalSec! / best.totalSec!).toFixed(2) : '–';
     const note = x.suspendedAtSec !== undefined ? ` (guest suspended at ${x.suspendedAtSec.toFixed(0)} s, libvirt --timeout)` : '';
-    lines.push(`| ${x.contender}${note} | ${x.ok ? 'ok' : `FAILED: ${(x.error ?? '').replace(/\|/g, '/').slice(0, 120)}`} | ${sec(x.totalSec)} | ${x.guestDowntimeMs === undefined ? '–' : Math.round(x.guestDowntimeMs)} | ${x.qemuDowntimeMs ?? '–'} | ${mib(x.wireBytesFwd)} | ${mib(x.wireBytesRev)} | ${sec(x.linkLimitSec)} | ${integ} | ${ratio} |`);
+    lines.push(`| ${x.contender}${note} | ${x.ok ? 'ok' : `FAILED: ${(x.error ?? '').replace(/\|/g, '/').slice(0, 120)}`} | ${sec(x.totalSec)} | ${x.guestDowntimeMs === undefined ? '–' : Math.round(x.guestDowntimeMs)} | ${x.qemuDowntimeMs ?? '–'} | ${mib(x.wireBytesFwd)} | ${mib(x.wireBytesRev)} | ${sec(x.linkLimitSec)} | ${x.resentPct === undefined ? '–' : `${x.resentPct.toFixed(1)} %`} | ${integ} | ${ratio} |`);
   }
   return lines.join('\n');
 }

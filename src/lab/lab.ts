@@ -203,10 +203,31 @@ export async function labUp(o: UpOptions = {}): Promise<LabState> {
   }
 }
 
-function spawnDetached(argv: string[], log: string): number {
+/**
+ * Kills a lab host's agent with `signal` (SIGKILL = a crash; its VMs keep running) and starts a
+ * new one, with `env` added (fault injection such as FERRY_CRASH_AT). Waits for its API.
+ */
+export async function labRestartAgent(name: string, host: string, o: { signal?: NodeJS.Signals; env?: Record<string, string>; start?: boolean } = {}): Promise<void> {
+  const lab = readLab(name);
+  const h = labHost(lab, host);
+  if (h.agentPid) {
+    try {
+      process.kill(h.agentPid, o.signal ?? 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
+    await waitFor(`agent ${h.name} to exit`, 15_000, () => (fs.existsSync(`/proc/${h.agentPid}`) && !fs.readFileSync(`/proc/${h.agentPid}/stat`, 'utf8').includes(') Z') ? undefined : true));
+  }
+  if (o.start === false) return;
+  h.agentPid = spawnDetached(['ip', 'netns', 'exec', h.netns, process.execPath, path.join(distDir, 'cli', 'main.js'), '--data-dir', h.dataDir, 'agent', 'run'], path.join(h.dataDir, 'agent.log'), o.env);
+  fs.writeFileSync(stateFile(name), JSON.stringify(lab, null, 2));
+  await waitFor(`agent ${h.name}`, 60_000, () => labClient(h).get('/v1/host'));
+}
+
+function spawnDetached(argv: string[], log: string, env?: Record<string, string>): number {
   fs.mkdirSync(path.dirname(log), { recursive: true });
   const fd = fs.openSync(log, 'a');
-  const p = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ['ignore', fd, fd] });
+  const p = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, ...env } });
   fs.closeSync(fd);
   p.unref();
   return p.pid!;

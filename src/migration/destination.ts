@@ -160,6 +160,7 @@ export class DestinationMigration {
       const r = await this.host.createIncoming(this.spec, this.from, cacheDirFor(this.host.dataDir, this.spec.uuid));
       this.inst = r.inst;
       this.spec = r.spec;
+      r.inst.once('exit', (info: { reason?: string }) => void this.fail(`destination QEMU exited: ${info?.reason ?? 'unknown'}`));
       const sock = this.host.nbdSocket(this.spec);
       await nbdServerStart(r.inst.qmp, sock);
       for (let i = 0; i < this.spec.disks.length; i++) {

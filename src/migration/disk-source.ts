@@ -32,6 +32,8 @@ export interface DiskStats {
   roundTotal: number;
   /** all rounds: raw bytes read and handed to the transport */
   sentBytes: number;
+  /** round 0 alone: what the destination lacked at the start */
+  initialBytes: number;
   zeroBytes: number;
   /** bytes the guest dirtied during the last round, and per second */
   lastDirtyBytes: number;
@@ -44,7 +46,7 @@ export interface DiskStats {
 const READ_DEPTH = 16;
 
 export class DiskSender {
-  readonly stats: DiskStats = { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0 };
+  readonly stats: DiskStats = { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, initialBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0 };
   private barrier = 0;
   /** extra ranges per disk to send next round (mismatches, differing groups) */
   private readonly extra = new Map<number, Range[]>();
@@ -120,6 +122,7 @@ export class DiskSender {
         await this.close(p.d, c);
       }
     }
+    this.stats.initialBytes = this.stats.sentBytes;
     await this.endRound();
   }
 
@@ -128,7 +131,7 @@ export class DiskSender {
    * recorded plus pending extras, then barrier. Returns the bytes sent. With `final`, the guest
    * is paused: the barrier is the FINAL one, and its answer is not awaited here.
    */
-  async dirtyRound(onProgress: () => void, final = false): Promise<number> {
+  async dirtyRound(onProgress: () => void, final = false): Promise<{ sent: number; barrier: number }> {
     const old = this.bitmap;
     this.stats.round++;
     const next = bitmapName(this.migId, this.stats.round + 1);
@@ -163,9 +166,11 @@ export class DiskSender {
     const rate = elapsed > 0 ? (dirtyBytes * 1000) / elapsed : 0;
     this.stats.dirtyRate = this.stats.dirtyRate ? 0.5 * this.stats.dirtyRate + 0.5 * rate : rate;
     const sent = plans.reduce((a, p) => a + totalBytes(p.ranges), 0);
-    if (final) await this.sendBarrier();
-    else await this.endRound();
-    return sent;
+    // The final round's barrier is answered after the switchover starts: the caller sends its
+    // number in `final` and the destination refuses to run the VM unless it verifies.
+    const n = await this.sendBarrier();
+    if (!final) await this.awaitBarrier(n);
+    return { sent, barrier: n };
   }
 
   /** Sends a barrier and returns its number (the answer arrives as `barrier-ok`). */
@@ -215,20 +220,25 @@ export class DiskSender {
       const diff = await this.diffGroups(d, pick);
       groups += pick ? pick.length : n;
       differing += diff.length;
-      if (diff.length) this.extra.set(d.index, [...(this.extra.get(d.index) ?? []), ...groupRanges(diff, d.size)]);
+      if (!diff.length) continue;
+      // Second level: which chunks of the differing groups differ (the guest keeps writing, so
+      // some always do; re-sending 64 KiB chunks instead of 1 MiB groups keeps that cheap).
+      const chunks = diff.flatMap((g) => Array.from({ length: GROUP }, (_, k) => g * GROUP + k)).filter((c) => c * CHUNK < d.size);
+      const bad = await this.diffGroups(d, chunks, 1);
+      this.extra.set(d.index, [...(this.extra.get(d.index) ?? []), ...groupRanges(bad, d.size, CHUNK, 1)]);
     }
     return { groups, differing };
   }
 
   /** Group indexes whose hashes differ between the two ends (both hash at the same time). */
-  private async diffGroups(d: SourceDisk, pick: number[] | undefined): Promise<number[]> {
-    const all = pick ?? Array.from({ length: groupCount(d.size) }, (_, i) => i);
-    const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group: GROUP, ...(pick ? { groups: pick } : {}) } });
+  private async diffGroups(d: SourceDisk, pick: number[] | undefined, group = GROUP): Promise<number[]> {
+    const all = pick ?? Array.from({ length: groupCount(d.size, CHUNK, group) }, (_, i) => i);
+    const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group, ...(pick ? { groups: pick } : {}) } });
     const c = await this.open(d, ['base:allocation']);
     let mine: Buffer[];
     try {
       const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
-      mine = await groupHashes(c, d.size, all, zero);
+      mine = await groupHashes(c, d.size, all, zero, CHUNK, group);
     } finally {
       await this.close(d, c);
     }

@@ -18,17 +18,28 @@ export interface SourceData {
   [k: string]: unknown;
 }
 
+/**
+ * Fault injection for the crash tests: FERRY_CRASH_AT=source:disk (or destination:running, …)
+ * makes the agent kill itself with SIGKILL right after journaling that phase, exactly where a
+ * real crash would leave the journal and the world.
+ */
+function crashPoint(role: string, phase: string): void {
+  if (process.env.FERRY_CRASH_AT === `${role}:${phase}`) process.kill(process.pid, 'SIGKILL');
+}
+
 export class Journal {
   constructor(private readonly db: StateDb) {}
 
   source(id: string, vm: string, peer: string, phase: SourcePhase, data: SourceData): void {
     this.db.putMigration({ id, role: 'source', vm, peer, phase, data });
     this.db.addEvent(vm, `migration-${phase}`, `migration ${id.slice(0, 8)} to ${peer}: ${phase}${data.error ? ` (${data.error})` : ''}`);
+    crashPoint('source', phase);
   }
 
   dest(id: string, vm: string, peer: string, phase: DestPhase, data: Record<string, unknown> = {}): void {
     this.db.putMigration({ id, role: 'destination', vm, peer, phase, data });
     this.db.addEvent(vm, `incoming-${phase}`, `incoming migration ${id.slice(0, 8)} from ${peer}: ${phase}${data.error ? ` (${String(data.error)})` : ''}`);
+    crashPoint('destination', phase);
   }
 
   get(id: string, role: 'source' | 'destination'): MigrationRow | undefined {

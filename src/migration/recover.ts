@@ -46,7 +46,8 @@ export async function recoverSource(h: RecoverHost, r: MigrationRow): Promise<vo
         h.resumed(r.vm);
       }
       end('failed', `agent restarted during the ${phase} phase; migration rolled back, the VM runs here`);
-      if (phase !== 'begin') await askDestination(h, data.url, r.id, () => {}).catch(() => {});
+      // Tell the destination (one try): asking from a new session makes it abort and clean up.
+      if (phase !== 'begin') await askDestination(h, data.url, r.id, () => {}, 1).catch(() => {});
       return;
     // The guest was paused for the switchover: only the destination knows whether it took over.
     // Ask until it answers; meanwhile the VM stays paused here.

@@ -69,7 +69,7 @@ export interface MigrationView {
   error?: { code: string; message: string };
   disk: DiskStats & { total: number };
   ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
-  wire: { sentBytes: number; resentFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
+  wire: { sentBytes: number; framesSent: number; resentFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
   ioThrottleBps: number;
@@ -88,7 +88,7 @@ export class SourceMigration {
   private peer: Peer | undefined;
   private sender: DiskSender | undefined;
   private ramSrc: RamSource | undefined;
-  private cancelled: string | null = null;
+  private cancelled: { reason: string; code: 'MIGRATION_CANCELLED' | 'MIGRATION_FAILED' } | null = null;
   private linkRate = 0;
   private decision: ConvergeDecision | undefined;
   private readonly t0 = Date.now();
@@ -96,8 +96,8 @@ export class SourceMigration {
   constructor(private readonly host: SourceHost, readonly vmName: string, private readonly o: MigrateOptions) {
     this.view = {
       id: this.id, vm: vmName, role: 'source', to: o.to, phase: 'begin', startedAt: this.t0,
-      disk: { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0, total: 0 },
-      ram: null, wire: { sentBytes: 0, resentFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
+      disk: { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, initialBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0, total: 0 },
+      ram: null, wire: { sentBytes: 0, framesSent: 0, resentFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
       etaSec: null, predictedDowntimeMs: null, ioThrottleBps: 0, note: '', verify: null, atSwitchover: null, final: null,
     };
   }
@@ -108,15 +108,15 @@ export class SourceMigration {
   }
 
   /** Asks the migration to stop; honoured until the switchover starts. */
-  cancel(reason = 'cancelled by operator'): boolean {
+  cancel(reason = 'cancelled by operator', code: 'MIGRATION_CANCELLED' | 'MIGRATION_FAILED' = 'MIGRATION_CANCELLED'): boolean {
     if (['switchover', 'confirm', 'done', 'failed', 'cancelled', 'rollback'].includes(this.view.phase)) return false;
-    this.cancelled = reason;
+    this.cancelled = { reason, code };
     this.session?.close(reason);
     return true;
   }
 
   private check(): void {
-    if (this.cancelled) throw new FerryError('MIGRATION_CANCELLED', this.cancelled);
+    if (this.cancelled) throw new FerryError(this.cancelled.code, this.cancelled.reason);
     if (Date.now() - this.t0 > this.o.timeoutSec * 1000) throw new FerryError('TIMEOUT', `migration did not finish within ${this.o.timeoutSec} s`);
   }
 
@@ -129,7 +129,7 @@ export class SourceMigration {
       this.phase('begin');
       await this.perform(spec, inst);
     } catch (e) {
-      const fe = e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', (e as Error).message, { cause: e });
+      const fe = this.cancelled ? new FerryError(this.cancelled.code, this.cancelled.reason, { cause: e }) : e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', (e as Error).message, { cause: e });
       this.view.error = { code: fe.code, message: fe.message };
       await this.afterError(spec, inst, fe);
     } finally {
@@ -149,6 +149,10 @@ export class SourceMigration {
     if (state !== 'running') throw new FerryError('VM_NOT_RUNNING', `VM "${this.vmName}" is ${state}; only a running VM can be live-migrated`);
     this.session = await this.host.dial(this.o.url, { resumeLimitMs: this.o.timeoutSec * 1000, rateBytesPerSec: this.o.bandwidth });
     this.peer = new Peer(this.session);
+    // The destination may give up at any time (its QEMU died, its disk is full): stop at once.
+    this.peer.on('control', (m: Control) => {
+      if (m.t === 'failed' && !['switchover', 'confirm'].includes(this.view.phase)) this.cancel(`destination failed: ${m.reason}`, 'MIGRATION_FAILED');
+    });
     const allocated = this.host.allocatedBytes(spec);
     const begin = await this.peer.request<Extract<Control, { t: 'begin-ok' }>>({ t: 'begin', id: this.id, spec: { ...spec, disks: spec.disks.map((d, i) => ({ ...d, allocatedBytes: allocated[i] ?? d.sizeBytes })) } as VmSpec, from: this.host.hostName, qemuVersion: this.host.qemuVersion, machine: 'pc' }, 60_000);
     if (begin.problems.length) throw new FerryError('MIGRATION_REFUSED', `${this.o.to} refuses the migration: ${begin.problems.join('; ')}`, { details: { problems: begin.problems } });
@@ -236,8 +240,7 @@ export class SourceMigration {
     this.view.atSwitchover = this.host.guestStats(this.vmName);
     stopDisk = true;
     await diskLoop;
-    await sender.dirtyRound(() => {}, true);
-    const finalN = await sender.sendBarrier();
+    const { barrier: finalN } = await sender.dirtyRound(() => {}, true);
     await sender.cleanup(); // every read is done: nothing may hold the disks when QEMU inactivates them
     await this.peer.send({ t: 'final', n: finalN });
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
@@ -300,7 +303,7 @@ export class SourceMigration {
     const drain = s.drainRate();
     // The link's capacity: the best drain seen while the window was full (bulk copy).
     if (this.view.phase === 'disk' && drain > this.linkRate) this.linkRate = drain;
-    this.view.wire = { sentBytes: s.stats.wireBytesSent, resentFrames: s.stats.framesResent, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
+    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, resentFrames: s.stats.framesResent, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
     const disk = this.view.disk;
     const rate = Math.max(this.linkRate, drain, 1);
     const diskRatio = s.stats.channels[3] && s.stats.channels[3].reduced ? s.stats.channels[3].raw / s.stats.channels[3].reduced : 1;
@@ -346,7 +349,7 @@ export class SourceMigration {
  * Asks the destination for migration `id`'s phase, on fresh sessions, until it answers. `running`
  * or `done` means it runs the VM; anything else (aborted, unknown) means it never will.
  */
-export async function askDestination(host: Pick<SourceHost, 'dial'>, url: string, id: string, note: (m: string) => void): Promise<'running' | 'not-running'> {
+export async function askDestination(host: Pick<SourceHost, 'dial'>, url: string, id: string, note: (m: string) => void, maxAttempts = Infinity): Promise<'running' | 'not-running'> {
   for (let attempt = 1; ; attempt++) {
     try {
       const s = await host.dial(url, { resumeLimitMs: 30_000, rateBytesPerSec: 0 });
@@ -357,6 +360,7 @@ export async function askDestination(host: Pick<SourceHost, 'dial'>, url: string
         s.close('query answered');
       }
     } catch (e) {
+      if (attempt >= maxAttempts) throw e;
       note(`destination unreachable (${(e as Error).message}); the VM stays paused here until it answers (attempt ${attempt})`);
       await sleep(Math.min(30_000, 1000 * attempt));
     }

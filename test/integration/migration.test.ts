@@ -1,0 +1,316 @@
+// Ferry's own live migration between two lab hosts' agents, with real QEMU guests running the
+// workload (heartbeat, durable disk writer, RAM dirtier), real NBD and real TCP through the WAN
+// lab. After every case: exactly one QEMU runs the VM (across both hosts), and where the
+// migration completed the destination's disks equal the source's at the switchover and the
+// guest's checker finds every durable record (runFerry checks both, as the benchmark does).
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { VmView } from '../../src/agent/vms.js';
+import { runFerry } from '../../src/bench/migrate.js';
+import { makeDataDisk } from '../../src/bench/scenario.js';
+import { checkDisk } from '../../src/image/check-disk.js';
+import { labClient, labCut, labDown, labRestartAgent, labSet, labUp, readLab, type LabState } from '../../src/lab/lab.js';
+import { profile } from '../../src/lab/profiles.js';
+import type { MigrationView } from '../../src/migration/source.js';
+import type { GuestStats } from '../../src/qemu/serial.js';
+import { trustHost, untrustHost, readTrust } from '../../src/transport/tls.js';
+import type { AgentClient } from '../../src/cli/client.js';
+import { guestImage, sleep, waitFor } from './harness.js';
+
+const NAME = 'itmig';
+let lab: LabState;
+let h1: AgentClient;
+let h2: AgentClient;
+const log = (m: string) => console.log(m);
+
+beforeAll(async () => {
+  guestImage();
+  await labDown(NAME, { force: true });
+  lab = await labUp({ name: NAME, base: '10.180', profile: 'lan', scheduleOutage: false });
+  h1 = labClient(lab.hosts[0]!);
+  h2 = labClient(lab.hosts[1]!);
+});
+afterAll(async () => {
+  await labDown(NAME, { force: true });
+});
+
+const small = { profile: 'lan', memoryMiB: 160, diskBytes: 128 << 20, usedBytes: 24 << 20, writeRate: 100 * 1024, dirtyMiB: 8, seed: 5, cc: 'cubic' as const, timeoutSec: 600 };
+
+function cli(args: string[]) {
+  return spawnSync(process.execPath, [path.resolve(__dirname, '../../dist/cli/main.js'), 'lab', 'cli', '--name', NAME, 'h1', '--', ...args], { encoding: 'utf8', timeout: 600_000 });
+}
+
+/** Every QEMU process on this machine running the VM with this uuid (both lab hosts). */
+function qemuPids(uuid: string): number[] {
+  const out: number[] = [];
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const argv = fs.readFileSync(`/proc/${d}/cmdline`, 'utf8');
+      const stat = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
+      if (argv.includes(uuid) && argv.includes('qemu-system') && !/^\d+ \(.*\) Z/.test(stat)) out.push(Number(d));
+    } catch {
+      /* raced with exit */
+    }
+  }
+  return out;
+}
+
+async function vmOn(api: AgentClient, name: string): Promise<VmView | undefined> {
+  return (await api.get<VmView[]>('/v1/vms')).find((v) => v.name === name);
+}
+
+async function boot(name: string, o: { memoryMiB?: number; diskMiB?: number } = {}): Promise<VmView> {
+  await h1.post('/v1/vms', { name, image: 'ferry-guest', memoryMiB: o.memoryMiB ?? 160, disks: [{ sizeBytes: (o.diskMiB ?? 64) << 20 }], workload: { heartbeatHz: 10, writeRate: 100 * 1024, seed: 9, dirtyMiB: 8 } });
+  await h1.post(`/v1/vms/${name}/start`);
+  await waitFor('boot', 120_000, async () => (await h1.get<GuestStats>(`/v1/vms/${name}/guest`)).ready || undefined);
+  await sleep(2000);
+  return h1.get<VmView>(`/v1/vms/${name}`);
+}
+
+/** The migration's state on a host: the live view or the journal row (both have `phase`). */
+async function phaseOf(api: AgentClient, id: string): Promise<string | undefined> {
+  try {
+    return (await api.get<{ phase: string }>(`/v1/migrations/${id}`)).phase;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The VM runs on exactly one host; its guest keeps beating; its disk holds every durable record. */
+async function exactlyOneRunning(name: string, uuid: string): Promise<'h1' | 'h2'> {
+  const on1 = await vmOn(h1, name);
+  const on2 = await vmOn(h2, name);
+  const running = [on1?.state === 'running' ? 'h1' : null, on2?.state === 'running' ? 'h2' : null].filter(Boolean) as ('h1' | 'h2')[];
+  expect(running.length, `running on: ${running.join(', ')} (h1 ${on1?.state}, h2 ${on2?.state})`).toBe(1);
+  expect(qemuPids(uuid).length).toBe(1);
+  const where = running[0]!;
+  const api = where === 'h1' ? h1 : h2;
+  const before = (await api.get<GuestStats>(`/v1/vms/${name}/guest`)).heartbeats;
+  await sleep(1500);
+  const g = await api.get<GuestStats>(`/v1/vms/${name}/guest`);
+  expect(g.heartbeats).toBeGreaterThan(before);
+  // Pause, check every record the guest reported durable, resume.
+  await api.post(`/v1/vms/${name}/pause`);
+  const seq = (await api.get<GuestStats>(`/v1/vms/${name}/guest`)).lastDurableSeq;
+  const dir = lab.hosts[where === 'h1' ? 0 : 1]!.dataDir;
+  const c = await checkDisk(guestImage().tool, path.join(dir, 'vms', name, 'vdb.qcow2'), 9, seq);
+  expect(c.ok, c.output).toBe(true);
+  await api.post(`/v1/vms/${name}/resume`);
+  return where;
+}
+
+async function cleanup(name: string): Promise<void> {
+  await h1.del(`/v1/vms/${name}?force=true`).catch(() => {});
+  await h2.del(`/v1/vms/${name}?force=true`).catch(() => {});
+}
+
+describe('Ferry live migration', () => {
+  it('lan: moves a running VM with its disks; verified; guest pause measured; one QEMU left', async () => {
+    const r = await runFerry(readLab(NAME), small, log, {
+      afterMigration: async (v, spec) => {
+        expect(v.phase).toBe('done');
+        expect(qemuPids(spec.uuid).length).toBe(1);
+        expect((await vmOn(h1, 'bench'))?.state).toBe('stopped'); // kept, as asked (keepSource)
+        expect((await vmOn(h2, 'bench'))?.state).toBe('running');
+        expect(v.verify?.groups).toBeGreaterThan(0);
+      },
+    });
+    expect(r.error).toBeUndefined();
+    expect(r.ok).toBe(true);
+    expect(r.integrity).toMatchObject({ disksEqual: true, recordsOk: true });
+    expect(r.view!.result!.pausedMs).toBeGreaterThan(0);
+  });
+
+  it('wan-10: an outage during the disk copy and another during the RAM copy stall it; it resumes and completes verified', async () => {
+    await labSet(NAME, profile('wan-10').link);
+    let ramCut = false;
+    try {
+      const r = await runFerry(readLab(NAME), { ...small, profile: 'wan-10', memoryMiB: 128 }, log, {
+        cut: { afterSeconds: 4, seconds: 12, flap: false },
+        onProgress: async (v) => {
+          if (v.phase === 'ram' && !ramCut && (v.ram?.transferred ?? 0) > 4 << 20) {
+            ramCut = true;
+            await labCut(NAME, { seconds: 10 });
+          }
+        },
+      });
+      expect(r.error).toBeUndefined();
+      expect(r.ok).toBe(true);
+      expect(ramCut).toBe(true);
+      expect(r.view!.wire.stalls).toBeGreaterThanOrEqual(2);
+      expect(r.resentPct!).toBeLessThan(5);
+    } finally {
+      await labSet(NAME, profile('lan').link);
+    }
+  });
+
+  it('bad input and refusals change nothing: unknown host, bad options, untrusted by the destination', async () => {
+    const vm = await boot('refuse');
+    await expect(h1.post('/v1/vms/refuse/migrate', { to: 'nowhere' })).rejects.toMatchObject({ code: 'HOST_NOT_FOUND' });
+    await expect(h1.post('/v1/vms/refuse/migrate', { to: 'h2', verify: 'some' })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    await expect(h1.post('/v1/vms/refuse/migrate', { to: 'h2', maxDowntimeMs: -1 })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    await expect(h1.post('/v1/vms/nosuch/migrate', { to: 'h2' })).rejects.toMatchObject({ code: 'VM_NOT_FOUND' });
+    // h2 stops trusting h1: its listener refuses the TLS peer.
+    const d2 = lab.hosts[1]!.dataDir;
+    const entry = readTrust(d2).find((t) => t.name === 'h1')!;
+    untrustHost(d2, 'h1');
+    try {
+      const v = await h1.post<MigrationView>('/v1/vms/refuse/migrate', { to: 'h2' });
+      const end = await waitFor('the refusal', 60_000, async () => {
+        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+        return x.endedAt ? x : undefined;
+      });
+      expect(end.phase).toBe('failed');
+      expect(end.error?.code).toMatch(/PEER_UNTRUSTED|TRANSPORT_CLOSED/);
+    } finally {
+      trustHost(d2, entry);
+    }
+    expect(await vmOn(h2, 'refuse')).toBeUndefined();
+    await exactlyOneRunning('refuse', vm.uuid);
+    // A VM of the same name on the destination: refused at Begin with every reason at once.
+    await h2.post('/v1/vms', { name: 'refuse', image: 'ferry-guest', memoryMiB: 128 });
+    const v = await h1.post<MigrationView>('/v1/vms/refuse/migrate', { to: 'h2' });
+    const end = await waitFor('the refusal', 60_000, async () => {
+      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+      return x.endedAt ? x : undefined;
+    });
+    expect(end.error?.code).toBe('MIGRATION_REFUSED');
+    expect(end.error?.message).toMatch(/already exists/);
+    expect((await vmOn(h2, 'refuse'))?.state).toBe('stopped');
+    await h2.del('/v1/vms/refuse');
+    await exactlyOneRunning('refuse', vm.uuid);
+    await cleanup('refuse');
+  });
+
+  it('cancel during the disk copy rolls back; a retry sends only what the destination lacks', async () => {
+    // A data disk holding 40 MiB, so the first attempt has work to cancel in the middle of.
+    const file = path.join(lab.hosts[0]!.dataDir, 'import', 'retry-data.qcow2');
+    await makeDataDisk(file, { diskBytes: 96 << 20, usedBytes: 40 << 20, seed: 3 }, guestImage().root);
+    await h1.post('/v1/vms', { name: 'retry', image: 'ferry-guest', memoryMiB: 160, disks: [{ file }], workload: { heartbeatHz: 10, writeRate: 20 * 1024, seed: 9, dirtyMiB: 8 } });
+    await h1.post('/v1/vms/retry/start');
+    await waitFor('boot', 120_000, async () => (await h1.get<GuestStats>('/v1/vms/retry/guest')).ready || undefined);
+    const vm = await h1.get<VmView>('/v1/vms/retry');
+    let first: MigrationView;
+    await labSet(NAME, profile('wan-10').link);
+    try {
+      const r = cli(['migrate', 'retry', '--to', 'h2', '--detach', '--json']);
+      expect(r.status, r.stderr).toBe(0);
+      const started = JSON.parse(r.stdout) as MigrationView;
+      await waitFor('most of the first disk round', 180_000, async () => {
+        const x = await h1.get<MigrationView>(`/v1/migrations/${started.id}`);
+        return x.phase === 'disk' && x.disk.round === 0 && x.disk.roundDone > 0.6 * x.disk.roundTotal ? x : undefined;
+      });
+      const c = cli(['migrate', 'cancel', 'retry']);
+      expect(c.status, c.stderr).toBe(0);
+      first = await waitFor('the rollback', 120_000, async () => {
+        const x = await h1.get<MigrationView>(`/v1/migrations/${started.id}`);
+        return x.endedAt ? x : undefined;
+      });
+      expect(first.phase).toBe('cancelled');
+      expect(first.error?.code).toBe('MIGRATION_CANCELLED');
+    } finally {
+      await labSet(NAME, profile('lan').link);
+    }
+    await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'retry')) ? undefined : true));
+    expect(fs.existsSync(path.join(lab.hosts[1]!.dataDir, 'migration-cache', vm.uuid))).toBe(true);
+    await exactlyOneRunning('retry', vm.uuid);
+    // Retry: the destination holds the first attempt's blocks; only the difference is sent.
+    const v = await h1.post<MigrationView>('/v1/vms/retry/migrate', { to: 'h2' });
+    const done = await waitFor('the retry', 300_000, async () => {
+      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+      return x.endedAt ? x : undefined;
+    });
+    expect(done.error).toBeUndefined();
+    expect(done.phase).toBe('done');
+    log(`retry: first attempt round 0 was ${first!.disk.roundTotal} bytes (${first!.disk.roundDone} sent); the retry's round 0 sent ${done.disk.initialBytes}`);
+    expect(done.disk.initialBytes).toBeLessThan(0.6 * first!.disk.roundTotal);
+    expect(await exactlyOneRunning('retry', vm.uuid)).toBe('h2');
+    await cleanup('retry');
+  });
+
+  it('the destination QEMU killed during the RAM copy: rollback, the VM keeps running at the source', async () => {
+    const vm = await boot('dqemu');
+    const src = qemuPids(vm.uuid)[0]!;
+    const v = await h1.post<MigrationView>('/v1/vms/dqemu/migrate', { to: 'h2', bandwidth: 2_000_000 });
+    await waitFor('the RAM phase', 120_000, async () => ((await h1.get<MigrationView>(`/v1/migrations/${v.id}`)).phase === 'ram' ? true : undefined));
+    const dst = qemuPids(vm.uuid).filter((p) => p !== src);
+    expect(dst.length).toBe(1);
+    process.kill(dst[0]!, 'SIGKILL');
+    const end = await waitFor('the rollback', 120_000, async () => {
+      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+      return x.endedAt ? x : undefined;
+    });
+    expect(end.phase).toBe('failed');
+    expect(end.error?.message).toMatch(/QEMU/);
+    await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'dqemu')) ? undefined : true));
+    expect(await exactlyOneRunning('dqemu', vm.uuid)).toBe('h1');
+    await cleanup('dqemu');
+  });
+
+  it('the destination disk fills up during the copy: a clear error, rollback, nothing lost', async () => {
+    const vm = await boot('full', { diskMiB: 128 });
+    const vmsDir = path.join(lab.hosts[1]!.dataDir, 'vms');
+    expect(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=96m', 'tmpfs', vmsDir]).status).toBe(0);
+    try {
+      const v = await h1.post<MigrationView>('/v1/vms/full/migrate', { to: 'h2', bandwidth: 4_000_000 });
+      await waitFor('the disk copy', 120_000, async () => ((await h1.get<MigrationView>(`/v1/migrations/${v.id}`)).phase === 'disk' ? true : undefined));
+      // Leave almost nothing free.
+      const st = fs.statfsSync(vmsDir);
+      spawnSync('fallocate', ['-l', String(Math.max(0, st.bavail * st.bsize - (1 << 20))), path.join(vmsDir, 'filler')]);
+      const end = await waitFor('the failure', 180_000, async () => {
+        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+        return x.endedAt ? x : undefined;
+      });
+      expect(end.phase).toBe('failed');
+      expect(end.error?.message).toMatch(/space|ENOSPC|write|No space|destination/i);
+      await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'full')) ? undefined : true));
+    } finally {
+      spawnSync('umount', ['-l', vmsDir]);
+    }
+    expect(await exactlyOneRunning('full', vm.uuid)).toBe('h1');
+    await cleanup('full');
+  });
+
+  // kill -9 of either agent right after it journals each phase (FERRY_CRASH_AT), then a normal
+  // restart: recovery must leave exactly one running VM with every durable record.
+  const crashes: [host: 'h1' | 'h2', point: string, expectOn: 'h1' | 'h2'][] = [
+    ['h1', 'source:begin', 'h1'],
+    ['h1', 'source:prepare', 'h1'],
+    ['h1', 'source:disk', 'h1'],
+    ['h1', 'source:ram', 'h1'],
+    ['h1', 'source:switchover', 'h1'],
+    ['h1', 'source:confirm', 'h2'],
+    ['h2', 'destination:prepare', 'h1'],
+    ['h2', 'destination:receiving', 'h1'],
+    ['h2', 'destination:finishing', 'h1'],
+    ['h2', 'destination:running', 'h2'],
+  ];
+  it.each(crashes)('kill -9 of %s at %s: recovery leaves the VM running on exactly one host', async (host, point, expectOn) => {
+    const name = `crash-${point.replace(':', '-')}`.slice(0, 40);
+    const vm = await boot(name);
+    await labRestartAgent(NAME, host, { signal: 'SIGTERM', env: { FERRY_CRASH_AT: point } });
+    // At source:begin the agent dies before it can even answer this request.
+    const started = await h1.post<MigrationView>(`/v1/vms/${name}/migrate`, { to: 'h2' }).catch(() => undefined);
+    const pid = readLab(NAME).hosts[host === 'h1' ? 0 : 1]!.agentPid!;
+    await waitFor(`the ${host} agent to crash at ${point}`, 180_000, () => (fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z') ? undefined : true));
+    await labRestartAgent(NAME, host, { start: true });
+    const id = started?.id ?? (await h1.get<{ id: string; vm: string }[]>('/v1/migrations')).find((r) => r.vm === name)!.id;
+    const v = { id };
+    const ended = ['done', 'failed', 'cancelled', 'aborted'];
+    await waitFor('recovery on both hosts', 180_000, async () => {
+      const p1 = await phaseOf(h1, v.id);
+      const p2 = await phaseOf(h2, v.id);
+      return p1 && ended.includes(p1) && (!p2 || ended.includes(p2)) ? true : undefined;
+    });
+    await waitFor('the VM to settle', 60_000, async () => {
+      const a = await vmOn(h1, name);
+      const b = await vmOn(h2, name);
+      return [a?.state, b?.state].filter((s) => s === 'running').length === 1 && !(b && b.state !== 'running' && b.state !== 'stopped') ? true : undefined;
+    });
+    expect(await exactlyOneRunning(name, vm.uuid)).toBe(expectOn);
+    await cleanup(name);
+  });
+});

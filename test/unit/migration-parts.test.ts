@@ -1,0 +1,104 @@
+// Ferry migration's pure parts: the disk record wire format (versioned, zero invalid), the
+// control message envelope, block arithmetic and hash lists, and the convergence controller's
+// decisions on made-up rates.
+import { describe, expect, it } from 'vitest';
+import crypto from 'node:crypto';
+import { decide, paceRam } from '../../src/migration/converge.js';
+import { groupCount, groupHashes, groupRanges, isZero, mergeRanges, splitAligned, CHUNK } from '../../src/migration/blocks.js';
+import { decodeControl, decodeRecord, encodeControl, encodeRecord, HEADER_BYTES, RecordKind } from '../../src/migration/protocol.js';
+import type { NbdClient } from '../../src/nbd/client.js';
+
+describe('disk records', () => {
+  it('round-trip, and refuse bad magic, version and kind 0', () => {
+    const hash = crypto.randomBytes(32);
+    const r = { kind: RecordKind.DATA, disk: 1, offset: 2 ** 40 + 4096, length: 65536, n: 7, hash };
+    const b = encodeRecord(r);
+    expect(b.length).toBe(HEADER_BYTES);
+    expect(decodeRecord(b)).toEqual(r);
+    expect(decodeRecord(encodeRecord({ kind: RecordKind.BARRIER, disk: 0, offset: 0, length: 0, n: 3 }))).toEqual({ kind: RecordKind.BARRIER, disk: 0, offset: 0, length: 0, n: 3 });
+    const bad = Buffer.from(b);
+    bad[0] = 0;
+    expect(() => decodeRecord(bad)).toThrow(/malformed/);
+    const v2 = Buffer.from(b);
+    v2[2] = 2;
+    expect(() => decodeRecord(v2)).toThrow(/version 2/);
+    const k0 = Buffer.from(b);
+    k0[3] = 0;
+    expect(() => decodeRecord(k0)).toThrow(/kind 0/);
+    expect(() => decodeRecord(b.subarray(0, 10))).toThrow();
+  });
+
+  it('control messages carry the protocol version; others are refused', () => {
+    const m = decodeControl(encodeControl({ t: 'final', n: 4 }));
+    expect(m).toMatchObject({ t: 'final', n: 4 });
+    expect(() => decodeControl(Buffer.from('{"v":9,"t":"final"}'))).toThrow(/protocol 9/);
+    expect(() => decodeControl(Buffer.from('nope'))).toThrow(/not JSON/);
+  });
+});
+
+describe('block arithmetic', () => {
+  it('merges, splits at chunk boundaries, and maps groups to ranges', () => {
+    expect(mergeRanges([{ offset: 100, length: 10 }, { offset: 0, length: 50 }, { offset: 50, length: 10 }])).toEqual([{ offset: 0, length: 60 }, { offset: 100, length: 10 }]);
+    const pieces = splitAligned([{ offset: CHUNK - 10, length: CHUNK + 20 }]);
+    expect(pieces).toEqual([{ offset: CHUNK - 10, length: 10 }, { offset: CHUNK, length: CHUNK }, { offset: 2 * CHUNK, length: 10 }]);
+    expect(groupCount(16 * CHUNK + 1)).toBe(2);
+    expect(groupRanges([1], 16 * CHUNK + 4096)).toEqual([{ offset: 16 * CHUNK, length: 4096 }]);
+    expect(isZero(Buffer.alloc(100000))).toBe(true);
+    const b = Buffer.alloc(100000);
+    b[99999] = 1;
+    expect(isZero(b)).toBe(false);
+  });
+
+  it('group hashes: known-zero chunks hash like read zeroes, and one changed byte changes one group', async () => {
+    const size = 40 * CHUNK;
+    const disk = Buffer.alloc(size);
+    crypto.randomBytes(CHUNK).copy(disk, 3 * CHUNK);
+    const reads: number[] = [];
+    const fake = { read: async (o: number, l: number) => (reads.push(o), Buffer.from(disk.subarray(o, o + l))) } as unknown as NbdClient;
+    const all = [0, 1, 2];
+    const a = await groupHashes(fake, size, all, []);
+    const zeroRanges = [{ offset: 16 * CHUNK, length: 24 * CHUNK }];
+    reads.length = 0;
+    const b = await groupHashes(fake, size, all, zeroRanges);
+    expect(b).toEqual(a);
+    expect(reads.every((o) => o < 16 * CHUNK)).toBe(true); // zero groups were not read
+    disk[20 * CHUNK + 5] = 9;
+    const c = await groupHashes(fake, size, all, []);
+    expect(c[0]).toEqual(a[0]);
+    expect(c[1]).not.toEqual(a[1]);
+    expect(c[2]).toEqual(a[2]);
+  });
+});
+
+describe('convergence controller', () => {
+  const base = { linkBytesPerSec: 1.25e6, rttMs: 100, maxDowntimeMs: 300, diskRatio: 1.5, ramRatio: 20, diskDirtyRate: 100e3, diskLastDirtyBytes: 20e3, rounds: 3 };
+
+  it('leaves a guest alone that dirties disk slower than the link drains, and starts RAM', () => {
+    const d = decide(base);
+    expect(d.ioThrottleBps).toBe(0);
+    expect(d.startRam).toBe(true);
+    expect(d.downtimeLimitMs).toBeGreaterThan(20);
+    expect(d.downtimeLimitMs).toBeLessThan(300);
+    expect(d.predictedDowntimeMs).toBeGreaterThan(50);
+  });
+
+  it('throttles guest writes when they outpace the link, and says so', () => {
+    const d = decide({ ...base, diskDirtyRate: 3e6, diskLastDirtyBytes: 6e6 });
+    expect(d.ioThrottleBps).toBeGreaterThan(0);
+    expect(d.ioThrottleBps).toBeLessThan(3e6);
+    expect(d.note).toMatch(/throttled/);
+    expect(d.startRam).toBe(false);
+  });
+
+  it('allows CPU throttling only after RAM failed to converge for a while', () => {
+    expect(decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam: 5 } }).throttleTrigger).toBe(100);
+    expect(decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam: 120 } }).throttleTrigger).toBe(50);
+  });
+
+  it('paces QEMU by the transport queue: faster when it is empty, slower when full, bounded', () => {
+    expect(paceRam(1e6, 0.1)).toBe(1.25e6);
+    expect(paceRam(1e6, 0.9)).toBe(0.75e6);
+    expect(paceRam(1e6, 0.5)).toBe(1e6);
+    expect(paceRam(1000, 0.9)).toBe(256 * 1024);
+  });
+});
