@@ -14,6 +14,7 @@ import { TRANSPORT_PORT } from '../migration/protocol.js';
 import { recoverDest, recoverSource, type RecoverHost } from '../migration/recover.js';
 import { SourceMigration, type MigrateOptions, type MigrationView, type SourceHost } from '../migration/source.js';
 import type { MigrationRow, StateDb } from '../state/db.js';
+import { templateIndex } from '../storage/chunk-index.js';
 import { dial, listen, type Listener } from '../transport/endpoint.js';
 import { loadIdentity, readTrust } from '../transport/tls.js';
 import type { VmSpec } from '../vm/spec.js';
@@ -130,6 +131,7 @@ export class Migrations {
       ramSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.ram`,
       activate: (name, from) => this.vms.activateIncoming(name, from),
       discard: (name, cacheDir) => this.vms.discardIncoming(name, cacheDir),
+      chunkIndexes: (spec) => Promise.all([...new Set(spec.disks.map((d) => d.backing).filter((b): b is string => !!b && fs.existsSync(b)))].map((t) => templateIndex(t))),
     };
   }
 
@@ -152,7 +154,7 @@ export class Migrations {
       maxDowntimeMs: num('maxDowntimeMs', 300, 10, 60_000),
       timeoutSec: num('timeoutSec', 3600, 10, 7 * 86400),
       verify,
-      xbzrle: req.xbzrle === undefined ? true : req.xbzrle === true,
+      xbzrle: req.xbzrle === true,
       keepSource: req.keepSource === true,
     };
     const trusted = readTrust(this.host.dataDir).find((t) => t.name === to);

@@ -174,7 +174,7 @@ async function setupVm(src: AgentClient, dataDir: string, s: Scenario, tag: stri
  * across the switch) and integrity (destination disks vs the source's final disks outside the
  * post-switchover writes; the guest checker up to the last durable record before the pause).
  */
-async function measureAfter(result: RunResult, o: { dst: AgentClient; h1: Host; h2: Host; spec: VmView['spec']; image: { tool: string }; s: Scenario; srcFinal: GuestStats; atSwitchover: GuestStats | null; say: (m: string) => void }): Promise<void> {
+async function measureAfter(result: RunResult, o: { dst: AgentClient; h1: Host; h2: Host; spec: VmView['spec']; image: { tool: string }; s: Scenario; srcFinal: GuestStats; atSwitchover: GuestStats | null; say: (m: string) => void; contAtEpoch?: number }): Promise<void> {
   const { dst, h1, h2, spec, image, s, say } = o;
   {
     const dstStats = await waitFor('heartbeats on the destination', 60_000, async () => {
@@ -183,6 +183,8 @@ async function measureAfter(result: RunResult, o: { dst: AgentClient; h1: Host; 
     });
     const srcFinal = o.srcFinal;
     const across = dstStats.firstHeartbeatAt! - srcFinal.lastHeartbeatAt!;
+    const contAt = (o as { contAtEpoch?: number }).contAtEpoch;
+    if (contAt) say(`  the destination guest's first heartbeat came ${dstStats.firstHeartbeatAt! - contAt} ms after cont`);
     result.guestDowntimeMs = Math.max(srcFinal.maxGapMs, across, dstStats.maxGapMs);
     say(`  heartbeat gaps: source during pre-copy ${Math.round(srcFinal.maxGapMs)} ms, across the switch ${Math.round(across)} ms, destination after ${Math.round(dstStats.maxGapMs)} ms`);
     say(`  done in ${result.totalSec!.toFixed(0)} s; guest saw a ${Math.round(result.guestDowntimeMs)} ms gap (QEMU says ${result.qemuDowntimeMs} ms); wire ${Math.round(result.wireBytesFwd! / 2 ** 20)} MiB`);
@@ -213,7 +215,7 @@ export async function runFerry(
   lab: LabState,
   s: Scenario,
   say: (m: string) => void,
-  o: { maxDowntimeMs?: number; verify?: 'full' | 'sample'; cut?: { seconds: number; afterSeconds: number; flap: boolean }; onProgress?: (v: MigrationView) => Promise<void> | void; afterMigration?: (v: MigrationView, spec: VmView['spec']) => Promise<void> | void } = {},
+  o: { maxDowntimeMs?: number; verify?: 'full' | 'sample'; xbzrle?: boolean; cut?: { seconds: number; afterSeconds: number; flap: boolean }; onProgress?: (v: MigrationView) => Promise<void> | void; afterMigration?: (v: MigrationView, spec: VmView['spec']) => Promise<void> | void } = {},
 ): Promise<RunResult & { view?: MigrationView }> {
   const contender = 'ferry';
   const [h1, h2] = lab.hosts as [Host, Host];
@@ -228,7 +230,7 @@ export async function runFerry(
     await relayCommand(lab, { op: 'reset' });
     const t0 = Date.now();
     say(`  ${contender}: migrating h1 → h2 (${prof.description})`);
-    const started = await src.post<MigrationView>(`/v1/vms/${VM}/migrate`, { to: h2.name, keepSource: true, timeoutSec: s.timeoutSec, maxDowntimeMs: o.maxDowntimeMs ?? 300, verify: o.verify ?? 'full' });
+    const started = await src.post<MigrationView>(`/v1/vms/${VM}/migrate`, { to: h2.name, keepSource: true, timeoutSec: s.timeoutSec, maxDowntimeMs: o.maxDowntimeMs ?? 300, verify: o.verify ?? 'full', ...(o.xbzrle === undefined ? {} : { xbzrle: o.xbzrle }) });
     const cut = o.cut ?? prof.outage;
     if (cut) {
       await labCut(lab.name, { seconds: cut.seconds, flap: cut.flap, inSeconds: cut.afterSeconds });
@@ -258,7 +260,9 @@ export async function runFerry(
     result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
     result.resentPct = view.wire.framesSent ? (100 * view.wire.resentFrames) / view.wire.framesSent : 0;
     say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames`);
-    await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: view.final!, atSwitchover: view.atSwitchover, say });
+    const sw = view.result!.switchover ?? {};
+    say(`  switchover timeline (ms after the pause): ${JSON.stringify(sw)}; the source guest's last heartbeat came ${sw.pausedAtEpoch! - (view.atSwitchover?.lastHeartbeatAt ?? 0)} ms before the pause`);
+    await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: view.final!, atSwitchover: view.atSwitchover, say, contAtEpoch: sw.destContAtEpoch });
   } catch (e) {
     result.ok = false;
     result.error = (e as Error).message;

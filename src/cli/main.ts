@@ -118,6 +118,8 @@ agent
   .action(
     action(async (o: { listen?: string }, cmd: Command) => {
       await runAgent(globals(cmd).dataDir, o.listen ? { listen: o.listen } : {});
+      // Shut down: VMs keep running; nothing of this process may linger (peer sessions, timers).
+      process.exit(0);
     }),
   );
 
@@ -190,8 +192,8 @@ registerBenchCommands(program);
 
 program
   .command('demo')
-  .description('the demo: boot a VM from the test guest with its workload and show it working')
-  .option('--keep', 'leave the demo agent and VM running')
+  .description('the demo: a two-host WAN lab (10 Mbit/s, 100 ms RTT, 1 % loss), a VM with its workload, migrated live from h1 to h2 with a report')
+  .option('--keep', 'leave the demo lab (and the migrated VM) up')
   .action(
     action(async (o: { keep?: boolean }, cmd: Command) => {
       const { runDemo } = await import('../demo/demo.js');

@@ -51,10 +51,12 @@ function summary(v: MigrationView): string {
   if (v.result) {
     lines.push(`  total ${formatDuration(v.result.totalMs)}, guest paused ${v.result.pausedMs} ms (switchover to running on ${v.to})${v.result.qemuDowntimeMs !== undefined ? `, QEMU-reported downtime ${v.result.qemuDowntimeMs} ms` : ''}`);
   }
+  const sw = v.result?.switchover;
+  if (sw) lines.push(`  switchover (ms after the pause): final disk delta ${formatBytes(sw.finalDiskBytes ?? 0)} read by ${sw.finalDiskReadMs}, continue ${sw.continuedMs}; destination: final received ${sw.destFinalMs}, disk verified ${sw.destDiskVerifiedMs}, RAM loaded ${sw.destRamCompletedMs}, running ${sw.destRunningMs}`);
   lines.push(`  disk: ${formatBytes(v.disk.sentBytes)} read and sent in ${v.disk.round + 1} round(s), ${formatBytes(v.disk.zeroBytes)} zeroes elided, ${formatBytes(v.disk.verifiedBytes)} verified, ${v.disk.mismatches} mismatch(es) re-sent`);
   if (v.verify) lines.push(`  verify (${v.verify.mode}): ${v.verify.groups} group hashes compared, ${v.verify.differing} differing re-sent`);
   if (v.ram) lines.push(`  ram: ${formatBytes(v.ram.streamBytes)} of QEMU stream`);
-  lines.push(`  wire: ${formatBytes(v.wire.sentBytes)} sent, ${v.wire.resentFrames} frames re-sent, ${v.wire.stalls} stall(s), link ${rate(v.wire.linkBytesPerSec)}`);
+  lines.push(`  wire: ${formatBytes(v.wire.sentBytes)} sent, ${v.wire.refFrames} blocks sent as references to content the destination held, ${v.wire.resentFrames} frames re-sent, ${v.wire.stalls} stall(s), link ${rate(v.wire.linkBytesPerSec)}`);
   if (v.note) lines.push(`  note: ${v.note}`);
   return lines.join('\n');
 }
@@ -93,7 +95,7 @@ export function registerMigrateCommands(program: Command): void {
     .option('--max-downtime <ms>', 'the guest pause the switchover may cost', '300')
     .option('--timeout <sec>', 'give up (and roll back) after this long; link outages within it are waited out', '3600')
     .option('--verify <mode>', 'full: hash-compare every block before the switchover; sample: a random 5 %', 'full')
-    .option('--no-xbzrle', "don't delta-encode re-sent RAM pages")
+    .option('--xbzrle', "let QEMU delta-encode re-sent RAM pages (off: under TCG it corrupted guest memory here, see docs/benchmarks.md)")
     .option('--keep-source', 'keep the VM defined (stopped) here with its disks after the move, as libvirt does')
     .option('--detach', 'start it and return; follow with `ferry migrate status`')
     .addHelpText('after', `
@@ -104,7 +106,7 @@ Examples:
   ferry migrate cancel web                   cancel before the switchover (the VM keeps running here)
   ferry migrate list`)
     .action(
-      action(async (what: string, id: string | undefined, o: { to?: string; bandwidth?: string; maxDowntime: string; timeout: string; verify: string; xbzrle: boolean; keepSource?: boolean; detach?: boolean }, cmd: Command) => {
+      action(async (what: string, id: string | undefined, o: { to?: string; bandwidth?: string; maxDowntime: string; timeout: string; verify: string; xbzrle?: boolean; keepSource?: boolean; detach?: boolean }, cmd: Command) => {
         const g = globals(cmd);
         const api = client(cmd);
         if (what === 'list') {
@@ -133,7 +135,7 @@ Examples:
           maxDowntimeMs,
           timeoutSec,
           verify: o.verify,
-          xbzrle: o.xbzrle,
+          xbzrle: !!o.xbzrle,
           keepSource: !!o.keepSource,
         };
         const started = await api.post<MigrationView>(`/v1/vms/${encodeURIComponent(what)}/migrate`, body);

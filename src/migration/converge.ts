@@ -37,7 +37,7 @@ export interface ConvergeDecision {
 }
 
 /** fixed cost of a switchover beyond moving bytes: device state, load, cont, heartbeat */
-const FIXED_MS = 60;
+const FIXED_MS = 80;
 
 export function decide(i: ConvergeInput): ConvergeDecision {
   const link = Math.max(i.linkBytesPerSec, 16 * 1024);
@@ -59,8 +59,9 @@ export function decide(i: ConvergeInput): ConvergeDecision {
   }
   const startRam = i.rounds >= 1 && (i.diskLastDirtyBytes / diskDrain) * 1000 <= Math.max(1000, i.maxDowntimeMs);
 
-  // RAM: the pause budget left after one-way delay, the disk delta and the fixed cost.
-  const budget = i.maxDowntimeMs - i.rttMs / 2 - finalDiskMs - FIXED_MS;
+  // RAM: the pause budget left after the link's round trip (the final data's one-way trip and
+  // the destination's answer race it), the disk delta and the fixed cost.
+  const budget = i.maxDowntimeMs - i.rttMs - finalDiskMs - FIXED_MS;
   const downtimeLimitMs = Math.max(20, Math.round(budget));
   const maxBandwidth = Math.max(256 * 1024, Math.round(0.9 * ramDrain));
   // auto-converge's trigger: only once RAM has failed to converge for a while does QEMU get to

@@ -12,6 +12,7 @@ import { FerryError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { announceSelf, bitmapAdd, cont, exportAdd, migrateIncoming, nbdServerStart, nbdServerStop, queryMigrate, ramCapabilities, ramParameters } from '../qemu/migration-ops.js';
 import type { QemuInstance } from '../qemu/instance.js';
+import type { ChunkIndex } from '../storage/chunk-index.js';
 import type { Session } from '../transport/session.js';
 import { sleep } from '../util/wait.js';
 import type { VmSpec } from '../vm/spec.js';
@@ -32,6 +33,8 @@ export interface DestHost {
   nbdSocket(spec: VmSpec): string;
   ramSocket(spec: VmSpec): string;
   activate(name: string, from: string): void;
+  /** chunk indexes of the templates this VM's disks are based on (content this host holds) */
+  chunkIndexes(spec: VmSpec): Promise<ChunkIndex[]>;
   discard(name: string, cacheDir: string): Promise<void>;
   /** one migration per session id at a time: the registry of live destination handlers */
   live: Map<string, DestinationMigration>;
@@ -167,6 +170,19 @@ export class DestinationMigration {
         await exportAdd(r.inst.qmp, { id: `fm-disk${i}`, node: `disk${i}`, name: `disk${i}`, writable: true });
         this.nbds.push(await NbdClient.connect({ path: sock }, `disk${i}`, ['base:allocation']));
       }
+      // Tell the source which 64 KiB blocks this host already holds (its templates): any disk
+      // block with that content crosses as a 32-byte reference.
+      const idxs = await this.host.chunkIndexes(this.spec).catch(() => []);
+      if (idxs.length) {
+        this.peer.session.useExternal((h) => {
+          for (const i of idxs) {
+            const b = i.read(h);
+            if (b) return b;
+          }
+          return undefined;
+        });
+        this.peer.session.advertise(idxs.flatMap((i) => i.hashes()));
+      }
       this.receiver = new DiskReceiver(this.nbds, this.peer);
       this.receiver.onError = (e) => void this.fail(`disk write failed: ${e.message}`);
       this.journal('receiving');
@@ -194,6 +210,7 @@ export class DestinationMigration {
 
   /** FINAL barrier n: the guest is paused at the source. Verify, wait for RAM, run. */
   private async finish(n: number): Promise<void> {
+    const t: Record<string, number> = { finalAt: Date.now() };
     try {
       this.journal('finishing');
       const rx = this.receiver!;
@@ -209,6 +226,7 @@ export class DestinationMigration {
         }, 50);
       });
       if (bad) throw new FerryError('VERIFY_FAILED', `${bad} block(s) of the final disk delta did not verify`);
+      t.diskVerifiedAt = Date.now();
       const qmp = this.inst!.qmp;
       for (;;) {
         const st = await queryMigrate(qmp);
@@ -218,15 +236,18 @@ export class DestinationMigration {
         if (this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before the RAM stream completed');
         await sleep(10);
       }
-      for (const c of this.nbds) await c.close();
-      await nbdServerStop(qmp);
+      t.ramCompletedAt = Date.now();
       // Integrity bookkeeping for the benchmark: what the guest writes from now on.
       for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
       this.journal('running');
       await cont(qmp);
       const at = Date.now();
+      t.contAt = at;
       this.host.activate(this.spec.name, this.from);
-      await this.peer.send({ t: 'running', at });
+      await this.peer.send({ t: 'running', at, timings: t });
+      // Our NBD clients and server go after the guest runs: nothing writes through them now.
+      for (const c of this.nbds) await c.close();
+      await nbdServerStop(qmp);
       await announceSelf(qmp);
     } catch (e) {
       await this.fail((e as Error).message);

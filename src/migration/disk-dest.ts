@@ -7,7 +7,7 @@ import { FerryError } from '../errors.js';
 import type { NbdClient } from '../nbd/client.js';
 import { groupCount, groupHashes, isZero, select, sha256 } from './blocks.js';
 import type { Peer } from './peer.js';
-import { decodeRecord, RecordKind, type Control, type DiskRecord, type VerifyRequest } from './protocol.js';
+import { decodeRecord, RECORD_FINAL, RecordKind, type Control, type DiskRecord, type VerifyRequest } from './protocol.js';
 
 interface Written {
   disk: number;
@@ -17,6 +17,8 @@ interface Written {
 }
 
 const MAX_PENDING_WRITES = 64;
+/** Fault injection for the verification test: FERRY_FAULT=corrupt-final flips a byte of every final-round block. */
+const FAULT = process.env.FERRY_FAULT;
 
 export class DiskReceiver {
   private header: DiskRecord | null = null;
@@ -68,6 +70,10 @@ export class DiskReceiver {
 
   private async applyData(h: DiskRecord, data: Buffer): Promise<void> {
     if (data.length !== h.length) throw new FerryError('TRANSPORT_PROTOCOL', `migration: block at ${h.offset} has ${data.length} bytes, header says ${h.length}`);
+    if (FAULT === 'corrupt-final' && h.flags && h.flags & RECORD_FINAL) {
+      data = Buffer.from(data);
+      data[0] = data[0]! ^ 0xff;
+    }
     this.receivedBytes += data.length;
     // A block all zeroes is written as zeroes (keeps the destination image sparse).
     const c = this.disk(h.disk);

@@ -16,7 +16,7 @@ import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel
 import type { QmpClient } from '../qemu/qmp.js';
 import { CHUNK, GROUP, groupCount, groupHashes, groupRanges, isZero, mergeRanges, select, sha256, splitAligned, totalBytes, type Range } from './blocks.js';
 import type { Peer } from './peer.js';
-import { CH, encodeRecord, RecordKind, type Control, type PreparedDisk } from './protocol.js';
+import { CH, encodeRecord, RECORD_FINAL, RecordKind, type Control, type PreparedDisk } from './protocol.js';
 
 export interface SourceDisk {
   index: number;
@@ -52,6 +52,9 @@ export class DiskSender {
   private readonly extra = new Map<number, Range[]>();
   private bitmap = '';
   private roundStartedAt = 0;
+  private badRounds = 0;
+  /** where the final round's time went (ms from its start), for the switchover report */
+  readonly finalTimings: Record<string, number> = {};
 
   constructor(
     private readonly qmp: QmpClient,
@@ -134,43 +137,71 @@ export class DiskSender {
   async dirtyRound(onProgress: () => void, final = false): Promise<{ sent: number; barrier: number }> {
     const old = this.bitmap;
     this.stats.round++;
-    const next = bitmapName(this.migId, this.stats.round + 1);
-    await bitmapRotate(this.qmp, this.nodes, old, next);
-    this.bitmap = next;
+    const t0 = Date.now();
+    const mark = (k: string) => {
+      if (final) this.finalTimings[k] = Date.now() - t0;
+    };
+    if (final) {
+      // The guest is paused: nothing new can be dirtied, so stop the bitmap instead of rotating.
+      await this.qmp.execute('transaction', { actions: this.nodes.map((node) => ({ type: 'block-dirty-bitmap-disable', data: { node, name: old } })) });
+    } else {
+      const next = bitmapName(this.migId, this.stats.round + 1);
+      await bitmapRotate(this.qmp, this.nodes, old, next);
+      this.bitmap = next;
+    }
+    mark('bitmap');
     const elapsed = Date.now() - this.roundStartedAt;
     this.roundStartedAt = Date.now();
-    const plans: { d: SourceDisk; ranges: Range[] }[] = [];
+    const ctx = `qemu:dirty-bitmap:${old}`;
+    // Exports and connections for every disk at once (each costs QMP and NBD round trips).
+    const conns = await Promise.all(
+      this.disks.map(async (d) => {
+        await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, bitmaps: [old] });
+        return NbdClient.connect({ path: this.nbdSocket }, d.node, [ctx]);
+      }),
+    );
+    mark('exports');
     let dirtyBytes = 0;
-    for (const d of this.disks) {
-      const ctx = `qemu:dirty-bitmap:${old}`;
-      await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, bitmaps: [old] });
-      const c = await NbdClient.connect({ path: this.nbdSocket }, d.node, [ctx]);
-      try {
+    let sent = 0;
+    try {
+      for (const d of this.disks) {
+        const c = conns[d.index]!;
         const dirty = select(await c.map(ctx), (f) => (f & 1) === 1);
+        mark(`map${d.index}`);
         dirtyBytes += totalBytes(dirty);
         const ranges = mergeRanges([...dirty, ...(this.extra.get(d.index) ?? [])]);
         this.extra.delete(d.index);
-        plans.push({ d, ranges });
         this.stats.roundTotal = totalBytes(ranges);
         this.stats.roundDone = 0;
-        await this.sendRanges(d, c, ranges, onProgress, false);
-      } finally {
-        await c.close();
-        await exportDel(this.qmp, `fm-${d.node}`);
+        sent += totalBytes(ranges);
+        await this.sendRanges(d, c, ranges, onProgress, false, final ? RECORD_FINAL : 0);
+        mark(`sent${d.index}`);
       }
-      await bitmapRemove(this.qmp, d.node, old);
+    } finally {
+      await Promise.all(conns.map((c) => c.close()));
+      mark('closed');
+      // At the switchover, stopping the NBD server (the caller's next step) drops the exports
+      // and the bitmap goes with the rollback or the source copy; don't spend the pause on them.
+      if (!final) {
+        await Promise.all(this.disks.map((d) => exportDel(this.qmp, `fm-${d.node}`)));
+        for (const d of this.disks) await bitmapRemove(this.qmp, d.node, old);
+      }
     }
     this.stats.lastDirtyBytes = dirtyBytes;
     this.stats.lastRoundMs = elapsed;
     // Dirty rate: what the guest dirtied over the time the previous round took (EWMA).
     const rate = elapsed > 0 ? (dirtyBytes * 1000) / elapsed : 0;
     this.stats.dirtyRate = this.stats.dirtyRate ? 0.5 * this.stats.dirtyRate + 0.5 * rate : rate;
-    const sent = plans.reduce((a, p) => a + totalBytes(p.ranges), 0);
     // The final round's barrier is answered after the switchover starts: the caller sends its
     // number in `final` and the destination refuses to run the VM unless it verifies.
     const n = await this.sendBarrier();
     if (!final) await this.awaitBarrier(n);
     return { sent, barrier: n };
+  }
+
+  /** At the switchover: stop the NBD server (drops every export) — the one step the pause needs. */
+  async release(): Promise<void> {
+    await nbdServerStop(this.qmp);
   }
 
   /** Sends a barrier and returns its number (the answer arrives as `barrier-ok`). */
@@ -184,6 +215,9 @@ export class DiskSender {
   async awaitBarrier(n: number): Promise<Extract<Control, { t: 'barrier-ok' }>> {
     const ok = await this.peer.next((m): m is Extract<Control, { t: 'barrier-ok' }> => m.t === 'barrier-ok' && m.n === n);
     this.stats.verifiedBytes += ok.verified;
+    // Blocks that fail verification again and again point at a broken destination, not a race.
+    this.badRounds = ok.mismatches.length ? this.badRounds + 1 : 0;
+    if (this.badRounds >= 5) throw new FerryError('VERIFY_FAILED', `blocks written at the destination failed verification in ${this.badRounds} rounds in a row (last: ${ok.mismatches.length})`);
     for (const m of ok.mismatches) {
       this.stats.mismatches++;
       this.extra.set(m.disk, [...(this.extra.get(m.disk) ?? []), { offset: m.offset, length: m.length }]);
@@ -253,7 +287,7 @@ export class DiskSender {
   }
 
   /** Reads `ranges` (pipelined) and sends them as DATA/ZERO records, in order. */
-  private async sendRanges(d: SourceDisk, c: NbdClient, ranges: Range[], onProgress: () => void, skipZero: boolean): Promise<void> {
+  private async sendRanges(d: SourceDisk, c: NbdClient, ranges: Range[], onProgress: () => void, skipZero: boolean, flags = 0): Promise<void> {
     const pieces = splitAligned(ranges, CHUNK);
     const reads: Promise<Buffer>[] = [];
     let next = 0;
@@ -270,9 +304,9 @@ export class DiskSender {
       const s = this.peer.session;
       if (isZero(data)) {
         this.stats.zeroBytes += p.length;
-        if (!skipZero) await s.send(CH.DISK, encodeRecord({ kind: RecordKind.ZERO, disk: d.index, offset: p.offset, length: p.length, n: this.stats.round }));
+        if (!skipZero) await s.send(CH.DISK, encodeRecord({ kind: RecordKind.ZERO, disk: d.index, offset: p.offset, length: p.length, n: this.stats.round, flags }));
       } else {
-        await s.send(CH.DISK, encodeRecord({ kind: RecordKind.DATA, disk: d.index, offset: p.offset, length: p.length, n: this.stats.round, hash: sha256(data) }));
+        await s.send(CH.DISK, encodeRecord({ kind: RecordKind.DATA, disk: d.index, offset: p.offset, length: p.length, n: this.stats.round, hash: sha256(data), flags }));
         await s.send(CH.DISK, data);
       }
       this.stats.sentBytes += p.length;

@@ -12,7 +12,8 @@
 //
 // Disk record header (big endian)
 //   0  u16 magic 0x4644 ("FD")   2 u8 version (1)   3 u8 kind (1 DATA, 2 ZERO, 3 BARRIER)
-//   4  u8 disk index             5..7 reserved (0)
+//   4  u8 disk index             5 u8 flags (bit 0: the final round, sent with the guest paused)
+//   6..7 reserved (0)
 //   8  u64 offset                16 u32 length        20 u32 round / barrier number
 //   24 u8[32] SHA-256 of the block (DATA), zeros otherwise       56..63 reserved
 //   A BARRIER asks the destination to flush, read back and verify every block written since the
@@ -63,7 +64,11 @@ export interface DiskRecord {
   /** round for DATA/ZERO, barrier number for BARRIER */
   n: number;
   hash?: Buffer;
+  /** RECORD_FINAL: part of the final round (the guest is paused) */
+  flags?: number;
 }
+
+export const RECORD_FINAL = 1;
 
 export function encodeRecord(r: DiskRecord): Buffer {
   const b = Buffer.alloc(HEADER_BYTES);
@@ -71,6 +76,7 @@ export function encodeRecord(r: DiskRecord): Buffer {
   b.writeUInt8(PROTOCOL_VERSION, 2);
   b.writeUInt8(r.kind, 3);
   b.writeUInt8(r.disk, 4);
+  b.writeUInt8(r.flags ?? 0, 5);
   b.writeBigUInt64BE(BigInt(r.offset), 8);
   b.writeUInt32BE(r.length, 16);
   b.writeUInt32BE(r.n, 20);
@@ -83,7 +89,8 @@ export function decodeRecord(b: Buffer): DiskRecord {
   if (b.readUInt8(2) !== PROTOCOL_VERSION) throw new FerryError('TRANSPORT_PROTOCOL', `migration: disk record version ${b.readUInt8(2)} (this agent speaks ${PROTOCOL_VERSION})`);
   const kind = b.readUInt8(3) as RecordKind;
   if (!(kind in RecordKind)) throw new FerryError('TRANSPORT_PROTOCOL', `migration: unknown disk record kind ${kind}`);
-  return { kind, disk: b.readUInt8(4), offset: Number(b.readBigUInt64BE(8)), length: b.readUInt32BE(16), n: b.readUInt32BE(20), ...(kind === RecordKind.DATA ? { hash: Buffer.from(b.subarray(24, 56)) } : {}) };
+  const flags = b.readUInt8(5);
+  return { kind, disk: b.readUInt8(4), ...(flags ? { flags } : {}), offset: Number(b.readBigUInt64BE(8)), length: b.readUInt32BE(16), n: b.readUInt32BE(20), ...(kind === RecordKind.DATA ? { hash: Buffer.from(b.subarray(24, 56)) } : {}) };
 }
 
 /** What the destination answers about each disk it prepared. */
@@ -119,7 +126,7 @@ export type Control =
   | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean }; params: Record<string, number> }
   | { t: 'ram-ready'; rid: number }
   | { t: 'final'; n: number }
-  | { t: 'running'; at: number }
+  | { t: 'running'; at: number; timings: Record<string, number> }
   | { t: 'failed'; reason: string }
   | { t: 'confirm' }
   | { t: 'abort'; reason: string }

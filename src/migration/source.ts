@@ -69,13 +69,13 @@ export interface MigrationView {
   error?: { code: string; message: string };
   disk: DiskStats & { total: number };
   ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
-  wire: { sentBytes: number; framesSent: number; resentFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
+  wire: { sentBytes: number; framesSent: number; resentFrames: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
   ioThrottleBps: number;
   note: string;
   verify: { mode: 'full' | 'sample'; groups: number; differing: number } | null;
-  result?: { totalMs: number; pausedMs: number; qemuDowntimeMs?: number };
+  result?: { totalMs: number; pausedMs: number; qemuDowntimeMs?: number; switchover?: Record<string, number> };
   /** source guest probes when QEMU paused it, and at the end (for the benchmark) */
   atSwitchover: GuestStats | null;
   final: GuestStats | null;
@@ -97,7 +97,7 @@ export class SourceMigration {
     this.view = {
       id: this.id, vm: vmName, role: 'source', to: o.to, phase: 'begin', startedAt: this.t0,
       disk: { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, initialBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0, total: 0 },
-      ram: null, wire: { sentBytes: 0, framesSent: 0, resentFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
+      ram: null, wire: { sentBytes: 0, framesSent: 0, resentFrames: 0, refFrames: 0, zeroFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
       etaSec: null, predictedDowntimeMs: null, ioThrottleBps: 0, note: '', verify: null, atSwitchover: null, final: null,
     };
   }
@@ -193,7 +193,7 @@ export class SourceMigration {
     const caps = { xbzrle: this.o.xbzrle, autoConverge: true };
     const params = this.ramParams(this.decision!);
     await ramCapabilities(qmp, caps);
-    await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': Math.min(256, Math.max(16, spec.memoryMiB / 4)) * 2 ** 20 } : {}) });
+    await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': 2 ** Math.floor(Math.log2(Math.min(256, Math.max(16, spec.memoryMiB / 4)))) * 2 ** 20 } : {}) });
     await this.peer.request({ t: 'ram-start', caps, params: {} }, 60_000);
     await migrateTo(qmp, ramSock);
     const ramT0 = Date.now();
@@ -204,13 +204,28 @@ export class SourceMigration {
         if (!stopDisk) await sleep(200);
       }
     })();
+    // QEMU's MIGRATION event says pre-switchover the moment the guest is paused; polling is the
+    // fallback.
+    let pausedAt = 0;
+    const onEvent = (e: { event: string; data?: { status?: string } }) => {
+      if (e.event === 'MIGRATION' && e.data?.status === 'pre-switchover' && !pausedAt) pausedAt = Date.now();
+    };
+    qmp.on('event', onEvent);
+    const preSwitch = new Promise<void>((resolve) => {
+      const check = setInterval(() => {
+        if (pausedAt || stopDisk) {
+          clearInterval(check);
+          resolve();
+        }
+      }, 5);
+    });
     let lastParams = 0;
     let lastPace = 0;
     let bandwidth = params['max-bandwidth']!;
     let st: RamStatus;
     try {
       for (;;) {
-        st = await queryMigrate(qmp);
+        st = pausedAt ? { ...(await queryMigrate(qmp)), status: 'pre-switchover' } : await queryMigrate(qmp);
         this.view.ram = { transferred: st.transferred, remaining: st.remaining, total: st.total, dirtyBytesPerSec: st.dirtyPagesRate * st.pageSize, cpuThrottle: st.cpuThrottle, streamBytes: this.ramSrc.bytes() };
         if (st.status === 'pre-switchover') break;
         if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `QEMU's RAM migration ${st.status}: ${st.error ?? ''}`);
@@ -226,25 +241,30 @@ export class SourceMigration {
           await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
           await this.applyThrottle(qmp, spec, d.ioThrottleBps);
         }
-        await Promise.race([sleep(50), diskLoop]);
+        await Promise.race([sleep(100), diskLoop, preSwitch]);
       }
     } catch (e) {
       stopDisk = true;
       await diskLoop.catch(() => {});
       throw e;
+    } finally {
+      qmp.off('event', onEvent);
     }
 
     // ── Switchover (the guest is paused by QEMU) ──
     this.phase('switchover');
-    const pausedAt = Date.now();
+    if (!pausedAt) pausedAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
     stopDisk = true;
     await diskLoop;
-    const { barrier: finalN } = await sender.dirtyRound(() => {}, true);
-    await sender.cleanup(); // every read is done: nothing may hold the disks when QEMU inactivates them
+    const timings: Record<string, number> = { pausedAt };
+    const { barrier: finalN, sent: finalBytes } = await sender.dirtyRound(() => {}, true);
+    timings.finalReadAt = Date.now();
+    await sender.release(); // every read is done: nothing may hold the disks when QEMU inactivates them
     await this.peer.send({ t: 'final', n: finalN });
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
     await migrateContinue(qmp);
+    timings.continuedAt = Date.now();
     const answer = await outcome;
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
 
@@ -252,7 +272,15 @@ export class SourceMigration {
     this.phase('confirm');
     const q = await queryMigrate(qmp).catch(() => undefined);
     this.view.final = this.host.guestStats(this.vmName);
-    this.view.result = { totalMs: Date.now() - this.t0, pausedMs: answer.at - pausedAt, ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}) };
+    // Where the pause went, in ms from the moment QEMU paused the guest (both hosts' clocks).
+    const rel = (x?: number) => (x ? x - pausedAt : -1);
+    const dt = answer.timings ?? {};
+    this.view.result = {
+      totalMs: Date.now() - this.t0,
+      pausedMs: answer.at - pausedAt,
+      ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRunningMs: rel(dt.contAt) },
+    };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});
     await this.session.flush().catch(() => {});
@@ -303,7 +331,7 @@ export class SourceMigration {
     const drain = s.drainRate();
     // The link's capacity: the best drain seen while the window was full (bulk copy).
     if (this.view.phase === 'disk' && drain > this.linkRate) this.linkRate = drain;
-    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, resentFrames: s.stats.framesResent, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
+    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
     const disk = this.view.disk;
     const rate = Math.max(this.linkRate, drain, 1);
     const diskRatio = s.stats.channels[3] && s.stats.channels[3].reduced ? s.stats.channels[3].raw / s.stats.channels[3].reduced : 1;

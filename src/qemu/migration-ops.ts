@@ -32,10 +32,10 @@ export async function exportAdd(qmp: QmpClient, o: { id: string; node: string; n
 /** Removes an export; waits until QEMU has really dropped it (its clients must be gone). */
 export async function exportDel(qmp: QmpClient, id: string): Promise<void> {
   await qmp.execute('block-export-del', { id, mode: 'hard' }).catch(() => {});
-  for (let i = 0; i < 100; i++) {
+  for (let i = 0; i < 500; i++) {
     const list = await qmp.execute<{ id: string }[]>('query-block-exports').catch(() => []);
     if (!list.some((e) => e.id === id)) return;
-    await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 2));
   }
 }
 

@@ -107,7 +107,13 @@ export async function listen(o: { host: string; port: number; security: Security
     const id = o.security.identity;
     server = tls.createServer({ key: id.key, cert: id.cert, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.3' }, (sock) => {
       const fp = sock.getPeerCertificate()?.fingerprint256;
-      if (!fp || !id.trusted(fp)) return refuse(sock, `untrusted peer certificate ${fp ?? '(none)'}`);
+      if (!fp || !id.trusted(fp)) {
+        // Say why before hanging up, so the dialer stops retrying and reports it.
+        o.onRefused?.(`untrusted peer certificate ${fp ?? '(none)'}`);
+        sock.end(hello({ reason: `your certificate ${fp ?? '(none)'} is not trusted by this host (ferry host trust)` }, FrameType.CLOSE));
+        setTimeout(() => sock.destroy(), 2000).unref();
+        return;
+      }
       void onConn(sock, fp);
     });
   } else if (o.security.insecureLab) {

@@ -199,6 +199,11 @@ export class Session extends EventEmitter {
     return 1;
   }
 
+  /** Content this side holds outside the session: resolves REFs the peer sends after `advertise`. */
+  useExternal(fn: (hash: Buffer) => Buffer | undefined): void {
+    this.opts.external = fn;
+  }
+
   /** Acknowledged wire bytes per second (EWMA over ~1 s samples): what the path drains now. */
   drainRate(): number {
     return this.ackRate;

@@ -250,6 +250,34 @@ describe('Ferry live migration', () => {
     await cleanup('dqemu');
   });
 
+  it('a block of the final delta that does not verify at the destination keeps the VM at the source', async () => {
+    const vm = await boot('verify');
+    await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-final' } });
+    try {
+      let end: MigrationView | undefined;
+      // The final round carries the blocks written in the last few hundred ms; the writer makes
+      // that non-empty almost always — try a few times in case one was empty.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const v = await h1.post<MigrationView>('/v1/vms/verify/migrate', { to: 'h2' });
+        end = await waitFor('the migration', 300_000, async () => {
+          const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+          return x.endedAt ? x : undefined;
+        });
+        if (end.phase !== 'done') break;
+        log(`final round had nothing to corrupt (attempt ${attempt}); moving the VM back`);
+        await h2.post('/v1/vms/verify/migrate', { to: 'h1' });
+        await waitFor('back on h1', 300_000, async () => ((await vmOn(h1, 'verify'))?.state === 'running' ? true : undefined));
+      }
+      expect(end!.phase).toBe('failed');
+      expect(end!.error?.message).toMatch(/did not verify/);
+      await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'verify')) ? undefined : true));
+      expect(await exactlyOneRunning('verify', vm.uuid)).toBe('h1');
+    } finally {
+      await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM' });
+    }
+    await cleanup('verify');
+  });
+
   it('the destination disk fills up during the copy: a clear error, rollback, nothing lost', async () => {
     const vm = await boot('full', { diskMiB: 128 });
     const vmsDir = path.join(lab.hosts[1]!.dataDir, 'vms');
