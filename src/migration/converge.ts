@@ -75,12 +75,24 @@ export function decide(i: ConvergeInput): ConvergeDecision {
 }
 
 /**
- * QEMU's max-bandwidth, paced by the transport's queue: QEMU may push faster while little of
- * the window is in use, slower when it fills. This finds the link's real drain rate (for RAM
+ * QEMU's max-bandwidth, paced by the transport's queue: QEMU may push faster while the queue is
+ * short of its target, slower when it is past it. This finds the link's real drain rate (for RAM
  * pages after compression, which no fixed estimate knows) and keeps the agent's queue short, so
  * what QEMU counts as sent has really left and the final pause holds only the final pages.
  */
-export function paceRam(current: number, queueFraction: number): number {
-  const next = queueFraction < 0.3 ? current * 1.25 : queueFraction > 0.7 ? current * 0.75 : current;
+export function paceRam(current: number, queueBytes: number, targetBytes: number): number {
+  const next = queueBytes < 0.5 * targetBytes ? current * 1.25 : queueBytes > 1.5 * targetBytes ? current * 0.75 : current;
   return Math.round(Math.min(4 * 2 ** 30, Math.max(256 * 1024, next)));
+}
+
+/**
+ * The queue the pacing aims at: two bandwidth-delay products (the link stays busy through a
+ * lost segment's recovery), at least 256 KiB, at most half the transport window. Whatever is
+ * queued when QEMU pauses the guest must cross before the destination can run it, so this is
+ * also what the queue adds to the pause. (Measured: one BDP with a 64 KiB floor starved QEMU of
+ * the raw rate it needs to drain a guest rewriting 8 MiB of well-compressible pages.)
+ */
+export function queueTarget(o: { window: number; drainBytesPerSec: number; rttMs: number }): number {
+  const bdp = o.drainBytesPerSec * (Math.max(o.rttMs, 10) / 1000);
+  return Math.min(0.5 * o.window, Math.max(256 * 1024, 2 * bdp));
 }

@@ -215,7 +215,7 @@ export class DestinationMigration {
       this.journal('finishing');
       const rx = this.receiver!;
       const bad = await new Promise<number>((resolve, reject) => {
-        if (rx.lastBarrier >= n) return resolve(0);
+        if (rx.lastBarrier >= n) return resolve(rx.unresolvedCount());
         rx.onBarrier = (k, mismatches) => k >= n && resolve(mismatches);
         const t = setInterval(() => {
           const e = rx.error();

@@ -28,6 +28,8 @@ export class DiskReceiver {
   private failed: Error | null = null;
   receivedBytes = 0;
   lastBarrier = 0;
+  /** blocks that failed a barrier's check and were not written again since */
+  private unresolved: { disk: number; offset: number; length: number }[] = [];
   /** the result of the FINAL barrier (the guest is paused at the source) */
   onBarrier: ((n: number, mismatches: number) => void) | undefined;
   /** the first write or protocol error (the migration cannot complete after it) */
@@ -75,13 +77,20 @@ export class DiskReceiver {
       data[0] = data[0]! ^ 0xff;
     }
     this.receivedBytes += data.length;
+    this.resolve(h.disk, h.offset, h.length);
     // A block all zeroes is written as zeroes (keeps the destination image sparse).
     const c = this.disk(h.disk);
     await this.throttle(isZero(data) ? c.writeZeroes(h.offset, h.length) : c.write(h.offset, data));
     this.since.push({ disk: h.disk, offset: h.offset, length: h.length, hash: h.hash ?? null });
   }
 
+  /** A block written again resolves earlier mismatches it covers. */
+  private resolve(disk: number, offset: number, length: number): void {
+    if (this.unresolved.length) this.unresolved = this.unresolved.filter((m) => !(m.disk === disk && m.offset >= offset && m.offset + m.length <= offset + length));
+  }
+
   private async applyZero(r: DiskRecord): Promise<void> {
+    this.resolve(r.disk, r.offset, r.length);
     this.receivedBytes += r.length;
     await this.throttle(this.disk(r.disk).writeZeroes(r.offset, r.length));
     this.since.push({ disk: r.disk, offset: r.offset, length: r.length, hash: null });
@@ -107,8 +116,9 @@ export class DiskReceiver {
       });
     }
     this.lastBarrier = n;
+    for (const m of mismatches) this.unresolved.push(m);
     await this.peer.send({ t: 'barrier-ok', n, verified, mismatches });
-    this.onBarrier?.(n, mismatches.length);
+    this.onBarrier?.(n, mismatches.length + this.unresolved.length);
   }
 
   /** Answers a `verify` request with this end's group hashes. */
@@ -126,6 +136,11 @@ export class DiskReceiver {
     await this.chain;
     await Promise.all(this.pending.splice(0));
     if (this.failed) throw this.failed;
+  }
+
+  /** blocks still failing verification (must be 0 before the VM may run here) */
+  unresolvedCount(): number {
+    return this.unresolved.length;
   }
 
   error(): Error | null {

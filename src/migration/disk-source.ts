@@ -134,7 +134,7 @@ export class DiskSender {
    * recorded plus pending extras, then barrier. Returns the bytes sent. With `final`, the guest
    * is paused: the barrier is the FINAL one, and its answer is not awaited here.
    */
-  async dirtyRound(onProgress: () => void, final = false): Promise<{ sent: number; barrier: number }> {
+  async dirtyRound(onProgress: () => void, final = false, stopWaiting?: Promise<void>): Promise<{ sent: number; barrier: number }> {
     const old = this.bitmap;
     this.stats.round++;
     const t0 = Date.now();
@@ -195,7 +195,13 @@ export class DiskSender {
     // The final round's barrier is answered after the switchover starts: the caller sends its
     // number in `final` and the destination refuses to run the VM unless it verifies.
     const n = await this.sendBarrier();
-    if (!final) await this.awaitBarrier(n);
+    if (!final) {
+      // The answer is waited for unless the switchover starts meanwhile (then the destination's
+      // own list of unresolved blocks carries any mismatch to the final check).
+      const answer = this.awaitBarrier(n);
+      answer.catch(() => {});
+      await (stopWaiting ? Promise.race([answer, stopWaiting]) : answer);
+    }
     return { sent, barrier: n };
   }
 

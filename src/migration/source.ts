@@ -21,7 +21,7 @@ import type { GuestStats } from '../qemu/serial.js';
 import type { Session } from '../transport/session.js';
 import { sleep } from '../util/wait.js';
 import type { VmSpec } from '../vm/spec.js';
-import { decide, paceRam, type ConvergeDecision } from './converge.js';
+import { decide, paceRam, queueTarget, type ConvergeDecision } from './converge.js';
 import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
@@ -198,12 +198,6 @@ export class SourceMigration {
     await migrateTo(qmp, ramSock);
     const ramT0 = Date.now();
     let stopDisk = false;
-    const diskLoop = (async () => {
-      while (!stopDisk) {
-        await sender.dirtyRound(() => {});
-        if (!stopDisk) await sleep(200);
-      }
-    })();
     // QEMU's MIGRATION event says pre-switchover the moment the guest is paused; polling is the
     // fallback.
     let pausedAt = 0;
@@ -219,6 +213,16 @@ export class SourceMigration {
         }
       }, 5);
     });
+    // Disk rounds continue during the RAM copy. When the switchover comes, the round in flight
+    // finishes sending but does not wait for its barrier's answer (that costs a round trip of
+    // pause): the destination keeps any block that failed that barrier on its unresolved list
+    // and refuses to run the VM unless a later write fixed it.
+    const diskLoop = (async () => {
+      while (!stopDisk) {
+        await sender.dirtyRound(() => {}, false, preSwitch);
+        if (!stopDisk) await Promise.race([sleep(200), preSwitch]);
+      }
+    })();
     let lastParams = 0;
     let lastPace = 0;
     let bandwidth = params['max-bandwidth']!;
@@ -232,7 +236,7 @@ export class SourceMigration {
         this.check();
         if (Date.now() - lastPace > 250) {
           lastPace = Date.now();
-          const next = paceRam(bandwidth, this.session.unackedPayload / this.session.window());
+          const next = paceRam(bandwidth, this.session.unackedPayload, queueTarget({ window: this.session.window(), drainBytesPerSec: Math.max(this.linkRate, this.session.drainRate()), rttMs: this.session.stats.minRttMs }));
           if (Math.abs(next - bandwidth) > bandwidth * 0.1) await ramParameters(qmp, { 'max-bandwidth': (bandwidth = next) });
         }
         if (Date.now() - lastParams > 1000) {
@@ -252,12 +256,14 @@ export class SourceMigration {
     }
 
     // ── Switchover (the guest is paused by QEMU) ──
-    this.phase('switchover');
     if (!pausedAt) pausedAt = Date.now();
-    this.view.atSwitchover = this.host.guestStats(this.vmName);
     stopDisk = true;
+    const timings: Record<string, number> = { pausedAt, detectedAt: Date.now() };
+    this.phase('switchover');
+    timings.journaledAt = Date.now();
+    this.view.atSwitchover = this.host.guestStats(this.vmName);
     await diskLoop;
-    const timings: Record<string, number> = { pausedAt };
+    timings.diskLoopDoneAt = Date.now();
     const { barrier: finalN, sent: finalBytes } = await sender.dirtyRound(() => {}, true);
     timings.finalReadAt = Date.now();
     await sender.release(); // every read is done: nothing may hold the disks when QEMU inactivates them
@@ -279,7 +285,7 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});

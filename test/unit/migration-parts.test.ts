@@ -3,7 +3,7 @@
 // decisions on made-up rates.
 import { describe, expect, it } from 'vitest';
 import crypto from 'node:crypto';
-import { decide, paceRam } from '../../src/migration/converge.js';
+import { decide, paceRam, queueTarget } from '../../src/migration/converge.js';
 import { groupCount, groupHashes, groupRanges, isZero, mergeRanges, splitAligned, CHUNK } from '../../src/migration/blocks.js';
 import { decodeControl, decodeRecord, encodeControl, encodeRecord, HEADER_BYTES, RecordKind } from '../../src/migration/protocol.js';
 import type { NbdClient } from '../../src/nbd/client.js';
@@ -96,9 +96,12 @@ describe('convergence controller', () => {
   });
 
   it('paces QEMU by the transport queue: faster when it is empty, slower when full, bounded', () => {
-    expect(paceRam(1e6, 0.1)).toBe(1.25e6);
-    expect(paceRam(1e6, 0.9)).toBe(0.75e6);
-    expect(paceRam(1e6, 0.5)).toBe(1e6);
-    expect(paceRam(1000, 0.9)).toBe(256 * 1024);
+    expect(paceRam(1e6, 10, 100)).toBe(1.25e6);
+    expect(paceRam(1e6, 200, 100)).toBe(0.75e6);
+    expect(paceRam(1e6, 100, 100)).toBe(1e6);
+    expect(paceRam(1000, 200, 100)).toBe(256 * 1024);
+    expect(queueTarget({ window: 4e6, drainBytesPerSec: 1.25e6, rttMs: 100 })).toBe(262144);
+    expect(queueTarget({ window: 4e6, drainBytesPerSec: 12.5e6, rttMs: 50 })).toBe(1.25e6);
+    expect(queueTarget({ window: 1e6, drainBytesPerSec: 12.5e6, rttMs: 50 })).toBe(5e5);
   });
 });
