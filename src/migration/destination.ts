@@ -49,6 +49,10 @@ export function serveSession(host: DestHost, session: Session, peerName: string)
   peer.on('control', (m: Control) => {
     if (m.t === 'query') {
       void answerQuery(host, peer, m);
+    } else if (m.t === 'confirm' && m.id && !mig) {
+      // A source that recovered after a crash confirms on a new session.
+      const row = host.journal.get(m.id, 'destination');
+      if (row?.phase === 'running') host.journal.dest(m.id, row.vm, row.peer, 'done', row.data);
     } else if (m.t === 'begin') {
       if (mig) return void peer.replyError(m, new FerryError('INVALID_ARGUMENT', 'one migration per session'));
       mig = new DestinationMigration(host, peer, m.id, m.spec, m.from || peerName);
@@ -82,6 +86,8 @@ export class DestinationMigration {
   private spec: VmSpec;
   /** set when the source is known gone: finishing gives up unless QEMU already completed */
   private giveUp = false;
+  /** this migration created the VM here (so an abort may remove it) */
+  private created = false;
 
   constructor(private readonly host: DestHost, private readonly peer: Peer, readonly id: string, spec: VmSpec, private readonly from: string) {
     this.spec = spec;
@@ -161,6 +167,7 @@ export class DestinationMigration {
     try {
       this.journal('prepare');
       const r = await this.host.createIncoming(this.spec, this.from, cacheDirFor(this.host.dataDir, this.spec.uuid));
+      this.created = true;
       this.inst = r.inst;
       this.spec = r.spec;
       r.inst.once('exit', (info: { reason?: string }) => void this.fail(`destination QEMU exited: ${info?.reason ?? 'unknown'}`));
@@ -263,10 +270,16 @@ export class DestinationMigration {
 
   async abort(reason: string): Promise<void> {
     if (this.phase === 'running' || this.phase === 'done' || this.phase === 'aborted') return;
+    // Refused at Begin: nothing was created here (a VM of that name may be someone else's).
+    if (this.phase === 'begin') {
+      host_forget(this.host, this.id);
+      return;
+    }
     this.journal('aborted', { error: reason });
     this.ram?.close();
     for (const c of this.nbds) await c.close().catch(() => {});
-    if (this.inst || this.host.vmExists(this.spec.name)) await this.host.discard(this.spec.name, cacheDirFor(this.host.dataDir, this.spec.uuid)).catch(() => {});
+    // Only what this migration created: its VM record exists from the start of Prepare.
+    if (this.created) await this.host.discard(this.spec.name, cacheDirFor(this.host.dataDir, this.spec.uuid)).catch(() => {});
     host_forget(this.host, this.id);
   }
 

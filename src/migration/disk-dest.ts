@@ -17,7 +17,10 @@ interface Written {
 }
 
 const MAX_PENDING_WRITES = 64;
-/** Fault injection for the verification test: FERRY_FAULT=corrupt-final flips a byte of every final-round block. */
+/**
+ * Fault injection for the verification tests: FERRY_FAULT=corrupt-final flips a byte of every
+ * final-round block; corrupt-dirty-rounds of every block after round 0.
+ */
 const FAULT = process.env.FERRY_FAULT;
 
 export class DiskReceiver {
@@ -72,7 +75,7 @@ export class DiskReceiver {
 
   private async applyData(h: DiskRecord, data: Buffer): Promise<void> {
     if (data.length !== h.length) throw new FerryError('TRANSPORT_PROTOCOL', `migration: block at ${h.offset} has ${data.length} bytes, header says ${h.length}`);
-    if (FAULT === 'corrupt-final' && h.flags && h.flags & RECORD_FINAL) {
+    if ((FAULT === 'corrupt-final' && h.flags && h.flags & RECORD_FINAL) || (FAULT === 'corrupt-dirty-rounds' && h.n >= 1)) {
       data = Buffer.from(data);
       data[0] = data[0]! ^ 0xff;
     }

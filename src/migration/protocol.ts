@@ -128,7 +128,7 @@ export type Control =
   | { t: 'final'; n: number }
   | { t: 'running'; at: number; timings: Record<string, number> }
   | { t: 'failed'; reason: string }
-  | { t: 'confirm' }
+  | { t: 'confirm'; id?: string }
   | { t: 'abort'; reason: string }
   | { t: 'query'; rid: number; id: string }
   | { t: 'state'; rid: number; phase: string | null }

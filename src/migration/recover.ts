@@ -66,9 +66,10 @@ export async function recoverSource(h: RecoverHost, r: MigrationRow): Promise<vo
       }
       return;
     }
-    // The destination runs the VM: finish removing the source copy.
+    // The destination runs the VM: finish removing the source copy, and confirm to it.
     case 'confirm':
       await h.migratedAway(r.vm, data.to).catch(() => {});
+      await askDestination(h, data.url, r.id, () => {}, 3).catch(() => {});
       end('done');
       return;
     case 'done':

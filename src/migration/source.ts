@@ -388,8 +388,15 @@ export async function askDestination(host: Pick<SourceHost, 'dial'>, url: string
     try {
       const s = await host.dial(url, { resumeLimitMs: 30_000, rateBytesPerSec: 0 });
       try {
-        const r = await new Peer(s).request<Extract<Control, { t: 'state' }>>({ t: 'query', id }, 60_000);
-        return r.phase === 'running' || r.phase === 'done' ? 'running' : 'not-running';
+        const peer = new Peer(s);
+        const r = await peer.request<Extract<Control, { t: 'state' }>>({ t: 'query', id }, 60_000);
+        if (r.phase === 'running' || r.phase === 'done') {
+          // It runs there: the source copy is finished with (the caller removes it); say so.
+          await peer.send({ t: 'confirm', id }).catch(() => {});
+          await s.flush().catch(() => {});
+          return 'running';
+        }
+        return 'not-running';
       } finally {
         s.close('query answered');
       }

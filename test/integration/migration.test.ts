@@ -27,6 +27,7 @@ const log = (m: string) => console.log(m);
 
 beforeAll(async () => {
   guestImage();
+  spawnSync('umount', ['-l', `/var/lib/ferry-lab/${NAME}/h2/vms`]); // left by an interrupted run
   await labDown(NAME, { force: true });
   lab = await labUp({ name: NAME, base: '10.180', profile: 'lan', scheduleOutage: false });
   h1 = labClient(lab.hosts[0]!);
@@ -96,7 +97,9 @@ async function exactlyOneRunning(name: string, uuid: string): Promise<'h1' | 'h2
   await api.post(`/v1/vms/${name}/pause`);
   const seq = (await api.get<GuestStats>(`/v1/vms/${name}/guest`)).lastDurableSeq;
   const dir = lab.hosts[where === 'h1' ? 0 : 1]!.dataDir;
-  const c = await checkDisk(guestImage().tool, path.join(dir, 'vms', name, 'vdb.qcow2'), 9, seq);
+  const vdb = (where === 'h1' ? on1 : on2)!.spec.disks.find((d) => d.id === 'vdb')!;
+  const file = vdb.file.startsWith('/') ? vdb.file : path.join(dir, 'vms', name, vdb.file);
+  const c = await checkDisk(guestImage().tool, file, 9, seq);
   expect(c.ok, c.output).toBe(true);
   await api.post(`/v1/vms/${name}/resume`);
   return where;
@@ -250,26 +253,19 @@ describe('Ferry live migration', () => {
     await cleanup('dqemu');
   });
 
-  it('a block of the final delta that does not verify at the destination keeps the VM at the source', async () => {
+  it('blocks that keep failing verification at the destination keep the VM at the source', async () => {
     const vm = await boot('verify');
-    await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-final' } });
+    // Every block the destination writes after round 0 is corrupted on its way to the disk.
+    await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-dirty-rounds' } });
     try {
-      let end: MigrationView | undefined;
-      // The final round carries the blocks written in the last few hundred ms; the writer makes
-      // that non-empty almost always — try a few times in case one was empty.
-      for (let attempt = 0; attempt < 3; attempt++) {
-        const v = await h1.post<MigrationView>('/v1/vms/verify/migrate', { to: 'h2' });
-        end = await waitFor('the migration', 300_000, async () => {
-          const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-          return x.endedAt ? x : undefined;
-        });
-        if (end.phase !== 'done') break;
-        log(`final round had nothing to corrupt (attempt ${attempt}); moving the VM back`);
-        await h2.post('/v1/vms/verify/migrate', { to: 'h1' });
-        await waitFor('back on h1', 300_000, async () => ((await vmOn(h1, 'verify'))?.state === 'running' ? true : undefined));
-      }
-      expect(end!.phase).toBe('failed');
-      expect(end!.error?.message).toMatch(/did not verify/);
+      const v = await h1.post<MigrationView>('/v1/vms/verify/migrate', { to: 'h2' });
+      const end = await waitFor('the migration', 300_000, async () => {
+        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+        return x.endedAt ? x : undefined;
+      });
+      expect(end.phase).toBe('failed');
+      expect(end.error?.code).toBe('VERIFY_FAILED');
+      expect(end.disk.mismatches).toBeGreaterThan(0);
       await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'verify')) ? undefined : true));
       expect(await exactlyOneRunning('verify', vm.uuid)).toBe('h1');
     } finally {
@@ -285,9 +281,10 @@ describe('Ferry live migration', () => {
     try {
       const v = await h1.post<MigrationView>('/v1/vms/full/migrate', { to: 'h2', bandwidth: 4_000_000 });
       await waitFor('the disk copy', 120_000, async () => ((await h1.get<MigrationView>(`/v1/migrations/${v.id}`)).phase === 'disk' ? true : undefined));
-      // Leave almost nothing free.
+      // Leave nothing free: the next block the destination must allocate fails with ENOSPC.
       const st = fs.statfsSync(vmsDir);
-      spawnSync('fallocate', ['-l', String(Math.max(0, st.bavail * st.bsize - (1 << 20))), path.join(vmsDir, 'filler')]);
+      spawnSync('fallocate', ['-l', String(st.bavail * st.bsize), path.join(vmsDir, 'filler')]);
+      spawnSync('dd', ['if=/dev/zero', `of=${path.join(vmsDir, 'filler2')}`, 'bs=4k'], { stdio: 'ignore' });
       const end = await waitFor('the failure', 180_000, async () => {
         const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
         return x.endedAt ? x : undefined;

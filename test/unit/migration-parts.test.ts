@@ -105,3 +105,46 @@ describe('convergence controller', () => {
     expect(queueTarget({ window: 1e6, drainBytesPerSec: 12.5e6, rttMs: 50 })).toBe(5e5);
   });
 });
+
+describe('destination disk receiver', () => {
+  it('verifies every block at a barrier, and keeps a mismatch unresolved until it is written again', async () => {
+    const { DiskReceiver } = await import('../../src/migration/disk-dest.js');
+    const { sha256 } = await import('../../src/migration/blocks.js');
+    const disk = Buffer.alloc(1 << 20);
+    let corruptNext = false;
+    const nbd = {
+      size: disk.length,
+      write: async (o: number, d: Buffer) => {
+        d.copy(disk, o);
+        if (corruptNext) {
+          disk[o] = disk[o]! ^ 1;
+          corruptNext = false;
+        }
+      },
+      writeZeroes: async (o: number, l: number) => void disk.fill(0, o, o + l),
+      flush: async () => {},
+      read: async (o: number, l: number) => Buffer.from(disk.subarray(o, o + l)),
+    } as unknown as NbdClient;
+    const sent: unknown[] = [];
+    const peer = { send: async (m: unknown) => void sent.push(m) } as never;
+    const rx = new DiskReceiver([nbd], peer);
+    const block = crypto.randomBytes(CHUNK);
+    const data = (offset: number, n: number) => {
+      rx.push(encodeRecord({ kind: RecordKind.DATA, disk: 0, offset, length: CHUNK, n, hash: sha256(block) }));
+      rx.push(block);
+    };
+    corruptNext = true; // the write path flips a bit of the first block
+    data(0, 1);
+    data(CHUNK, 1);
+    rx.push(encodeRecord({ kind: RecordKind.BARRIER, disk: 0, offset: 0, length: 0, n: 1 }));
+    await rx.drain();
+    expect(sent[0]).toMatchObject({ t: 'barrier-ok', n: 1, verified: CHUNK, mismatches: [{ disk: 0, offset: 0, length: CHUNK }] });
+    expect(rx.unresolvedCount()).toBe(1);
+    data(0, 2); // re-sent, written correctly this time
+    rx.push(encodeRecord({ kind: RecordKind.BARRIER, disk: 0, offset: 0, length: 0, n: 2 }));
+    await rx.drain();
+    expect(sent[1]).toMatchObject({ t: 'barrier-ok', n: 2, verified: CHUNK, mismatches: [] });
+    expect(rx.unresolvedCount()).toBe(0);
+    expect(() => rx.push(Buffer.alloc(HEADER_BYTES))).toThrow(/malformed/);
+  });
+});
