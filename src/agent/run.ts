@@ -46,6 +46,8 @@ function lock(pidFile: string): void {
 
 export async function runAgent(dataDir: string, opts: { listen?: string; log?: (m: string) => void } = {}): Promise<void> {
   const log = opts.log ?? ((m: string) => console.log(`${new Date().toISOString()} ${m}`));
+  // The agent owns running VMs: a stray rejection in one operation must not take it down.
+  process.on('unhandledRejection', (e) => log(`BUG: unhandled rejection: ${(e as Error)?.stack ?? String(e)}`));
   const cfg = readConfig(dataDir);
   const f = files(dataDir);
   if (!fs.existsSync(f.token)) throw new FerryError('AGENT_NOT_INITIALIZED', `no API token in ${dataDir}: run \`ferry agent init\``);

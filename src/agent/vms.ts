@@ -265,7 +265,11 @@ export class VmManager {
     fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 });
     for (const d of rec.spec.disks) {
       const f = path.join(p.dir, d.file);
-      if (fs.existsSync(f)) fs.renameSync(f, path.join(cacheDir, d.file));
+      try {
+        if (fs.existsSync(f)) fs.renameSync(f, path.join(cacheDir, d.file));
+      } catch {
+        fs.rmSync(f, { force: true }); // another filesystem (or full): no cache, a retry sends all
+      }
     }
     fs.rmSync(p.dir, { recursive: true, force: true });
     for (const f of [p.qmpSocket, p.serialSocket, p.pidFile]) fs.rmSync(f, { force: true });

@@ -55,11 +55,14 @@ export class DiskReceiver {
   }
 
   private enqueue(fn: () => Promise<void>): void {
-    this.chain = this.chain.then(fn).catch((e) => {
-      if (this.failed) return;
-      this.failed = e as Error;
-      this.onError?.(this.failed);
-    });
+    this.chain = this.chain.then(fn).catch((e) => this.fault(e as Error));
+  }
+
+  /** The first failure ends this receiver's usefulness: report it once. */
+  private fault(e: Error): void {
+    if (this.failed) return;
+    this.failed = e;
+    this.onError?.(e);
   }
 
   private disk(i: number): NbdClient {
@@ -69,7 +72,7 @@ export class DiskReceiver {
   }
 
   private async throttle(p: Promise<void>): Promise<void> {
-    this.pending.push(p.catch((e) => void (this.failed ??= e as Error)));
+    this.pending.push(p.catch((e) => this.fault(e as Error)));
     if (this.pending.length >= MAX_PENDING_WRITES) await this.pending.shift();
   }
 

@@ -100,8 +100,7 @@ export class DiskSender {
     const plans: { d: SourceDisk; ranges: Range[] }[] = [];
     for (const d of this.disks) {
       if (d.base === 'cached') {
-        const differ = await this.diffGroups(d, undefined);
-        plans.push({ d, ranges: groupRanges(differ, d.size) });
+        plans.push({ d, ranges: (await this.diffTwoLevel(d, undefined)).ranges });
         continue;
       }
       const c = await this.open(d, ['base:allocation', 'qemu:allocation-depth']);
@@ -257,23 +256,32 @@ export class DiskSender {
         for (let g = 0; g < n; g++) if (Math.random() < sampleFraction) pick.push(g);
         if (!pick.length) pick.push(Math.floor(Math.random() * n));
       }
-      const diff = await this.diffGroups(d, pick);
+      const r = await this.diffTwoLevel(d, pick);
       groups += pick ? pick.length : n;
-      differing += diff.length;
-      if (!diff.length) continue;
-      // Second level: which chunks of the differing groups differ (the guest keeps writing, so
-      // some always do; re-sending 64 KiB chunks instead of 1 MiB groups keeps that cheap).
-      const chunks = diff.flatMap((g) => Array.from({ length: GROUP }, (_, k) => g * GROUP + k)).filter((c) => c * CHUNK < d.size);
-      const bad = await this.diffGroups(d, chunks, 1);
-      this.extra.set(d.index, [...(this.extra.get(d.index) ?? []), ...groupRanges(bad, d.size, CHUNK, 1)]);
+      differing += r.groups;
+      if (r.ranges.length) this.extra.set(d.index, [...(this.extra.get(d.index) ?? []), ...r.ranges]);
     }
     return { groups, differing };
+  }
+
+  /**
+   * Two-level compare: group hashes first, then chunk hashes inside the differing groups (the
+   * guest keeps writing, so some groups always differ; re-sending 64 KiB chunks instead of
+   * 1 MiB groups keeps that cheap). Returns the differing chunks as ranges.
+   */
+  private async diffTwoLevel(d: SourceDisk, pick: number[] | undefined): Promise<{ groups: number; ranges: Range[] }> {
+    const diff = await this.diffGroups(d, pick);
+    if (!diff.length) return { groups: 0, ranges: [] };
+    const chunks = diff.flatMap((g) => Array.from({ length: GROUP }, (_, k) => g * GROUP + k)).filter((c) => c * CHUNK < d.size);
+    const bad = await this.diffGroups(d, chunks, 1);
+    return { groups: diff.length, ranges: groupRanges(bad, d.size, CHUNK, 1) };
   }
 
   /** Group indexes whose hashes differ between the two ends (both hash at the same time). */
   private async diffGroups(d: SourceDisk, pick: number[] | undefined, group = GROUP): Promise<number[]> {
     const all = pick ?? Array.from({ length: groupCount(d.size, CHUNK, group) }, (_, i) => i);
     const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group, ...(pick ? { groups: pick } : {}) } });
+    remote.catch(() => {}); // awaited below; a local failure first must not leave it unhandled
     const c = await this.open(d, ['base:allocation']);
     let mine: Buffer[];
     try {
@@ -304,6 +312,15 @@ export class DiskSender {
       }
     };
     refill();
+    try {
+      await this.sendPieces(d, pieces, reads, refill, onProgress, skipZero, flags);
+    } finally {
+      // On an early exit the prefetched reads still settle (the export goes away): not an error.
+      for (const r of reads) r.catch(() => {});
+    }
+  }
+
+  private async sendPieces(d: SourceDisk, pieces: Range[], reads: Promise<Buffer>[], refill: () => void, onProgress: () => void, skipZero: boolean, flags: number): Promise<void> {
     for (const p of pieces) {
       const data = await reads.shift()!;
       refill();

@@ -19,6 +19,10 @@ const OPT = { GO: 7, STRUCTURED_REPLY: 8, SET_META_CONTEXT: 10 } as const;
 const REP = { ACK: 1, INFO: 3, META_CONTEXT: 4 } as const;
 const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, WRITE_ZEROES: 6, BLOCK_STATUS: 7 } as const;
 const REPLY = { NONE: 0, OFFSET_DATA: 1, OFFSET_HOLE: 2, BLOCK_STATUS: 5 } as const;
+/** NBD error numbers (doc/proto.md "Error values"), named for operators. */
+const NBD_ERRNO: Record<number, string> = { 1: 'EPERM (not permitted)', 5: 'EIO (I/O error)', 12: 'ENOMEM (out of memory)', 22: 'EINVAL (invalid request)', 28: 'ENOSPC (no space left on device)', 75: 'EOVERFLOW (request too large)', 95: 'ENOTSUP (not supported)', 108: 'ESHUTDOWN (server shutting down)' };
+const errName = (n: number) => NBD_ERRNO[n] ?? `error ${n}`;
+
 export const TX_FLAG = { READ_ONLY: 2, SEND_FLUSH: 4, SEND_WRITE_ZEROES: 64, CAN_MULTI_CONN: 256 } as const;
 
 export interface Extent {
@@ -236,7 +240,7 @@ export class NbdClient {
           const err = r.readUInt32BE(0);
           const cookie = r.readBigUInt64BE(4);
           const p = this.take(cookie);
-          if (err) p.reject(new FerryError('NBD_ERROR', `NBD request failed with error ${err}`));
+          if (err) p.reject(new FerryError('NBD_ERROR', `NBD request failed: ${errName(err)}`));
           else if (p.kind === 'read') {
             (await this.rd.read(p.buf!.length)).copy(p.buf!);
             p.resolve(p.buf!);
@@ -262,7 +266,7 @@ export class NbdClient {
             }
           } else if (type & 0x8000) {
             const msgLen = body.length >= 6 ? body.readUInt16BE(4) : 0;
-            p.error = new FerryError('NBD_ERROR', `NBD request failed with error ${body.readUInt32BE(0)}${msgLen ? `: ${body.subarray(6, 6 + msgLen).toString()}` : ''}`);
+            p.error = new FerryError('NBD_ERROR', `NBD request failed: ${errName(body.readUInt32BE(0))}${msgLen ? `: ${body.subarray(6, 6 + msgLen).toString()}` : ''}`);
           } else if (type !== REPLY.NONE) throw new FerryError('NBD_ERROR', `unknown structured reply type ${type}`);
           if (flags & 1) {
             this.take(cookie);
