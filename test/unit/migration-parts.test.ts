@@ -90,6 +90,10 @@ describe('convergence controller', () => {
     expect(d.startRam).toBe(false);
   });
 
+  it('does not throttle on a high dirty rate alone when rounds stay small (link maybe underestimated)', () => {
+    expect(decide({ ...base, linkBytesPerSec: 100e3, diskDirtyRate: 100e3, diskLastDirtyBytes: 50e3 }).ioThrottleBps).toBe(0);
+  });
+
   it('allows CPU throttling only after RAM failed to converge for a while', () => {
     expect(decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam: 5 } }).throttleTrigger).toBe(100);
     expect(decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam: 120 } }).throttleTrigger).toBe(50);
