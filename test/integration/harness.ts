@@ -58,7 +58,8 @@ export class TestAgent {
     const dataDir = fs.mkdtempSync('/tmp/fit-');
     const port = await freePort();
     const a = new TestAgent(dataDir, port);
-    const r = a.cli(['agent', 'init', '--listen', `127.0.0.1:${port}`, '--host-name', 'itest']);
+    // Its own transport port too: the default (0.0.0.0:7451) may belong to a real agent here.
+    const r = a.cli(['agent', 'init', '--listen', `127.0.0.1:${port}`, '--transport-listen', `127.0.0.1:${await freePort()}`, '--host-name', 'itest']);
     if (r.code !== 0) throw new Error(`agent init failed: ${r.stderr}`);
     await a.start();
     return a;
