@@ -249,6 +249,15 @@ export class VmManager {
     this.setRuntime(name, { state: 'running', pid: inst.pid, startedAt }, { kind: 'migrated-in', message: `now running here (migrated from ${from})` });
   }
 
+  /** Ends a VM's QEMU for a migration's end: quit over QMP, or SIGKILL a QEMU we lost track of. */
+  private async endQemu(rec: VmRecord): Promise<void> {
+    const name = rec.spec.name;
+    const inst = this.instances.get(name);
+    this.instances.delete(name);
+    if (inst && !inst.hasExited) await inst.quit().catch(() => inst.kill());
+    else if ('pid' in rec.runtime && rec.runtime.pid && pidAlive(rec.runtime.pid) && isQemuFor(rec.runtime.pid, rec.spec.uuid)) process.kill(rec.runtime.pid, 'SIGKILL');
+  }
+
   /**
    * Destination, migration aborted: kills the incoming QEMU, keeps the partial disks in
    * `cacheDir` (a retry sends only what they lack) and forgets the VM.
@@ -256,10 +265,7 @@ export class VmManager {
   async discardIncoming(name: string, cacheDir: string): Promise<void> {
     const rec = this.db.getVm(name);
     if (!rec) return;
-    const inst = this.instances.get(name);
-    this.instances.delete(name);
-    if (inst && !inst.hasExited) await inst.quit().catch(() => inst.kill());
-    else if ('pid' in rec.runtime && rec.runtime.pid && pidAlive(rec.runtime.pid) && isQemuFor(rec.runtime.pid, rec.spec.uuid)) process.kill(rec.runtime.pid, 'SIGKILL');
+    await this.endQemu(rec);
     const p = this.paths(rec.spec);
     fs.rmSync(cacheDir, { recursive: true, force: true });
     fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 });
@@ -284,10 +290,7 @@ export class VmManager {
   async migratedAway(name: string, to: string, keep = false): Promise<void> {
     const rec = this.db.getVm(name);
     if (!rec) return;
-    const inst = this.instances.get(name);
-    this.instances.delete(name);
-    if (inst && !inst.hasExited) await inst.quit().catch(() => inst.kill());
-    else if ('pid' in rec.runtime && rec.runtime.pid && pidAlive(rec.runtime.pid) && isQemuFor(rec.runtime.pid, rec.spec.uuid)) process.kill(rec.runtime.pid, 'SIGKILL');
+    await this.endQemu(rec);
     if (keep) {
       this.setRuntime(name, { state: 'stopped', reason: `migrated to ${to}` }, { kind: 'migrated-away', message: `migrated to ${to}; source copy kept (stopped)` });
       return;

@@ -175,15 +175,15 @@ export class SourceMigration {
     for (;;) {
       await sender.dirtyRound(() => this.sample());
       this.check();
-      const d = this.control(qmp);
-      await this.applyThrottle(qmp, spec, (await d).ioThrottleBps);
-      if (!verified && (await d).startRam) {
+      const d = await this.control(qmp);
+      await this.applyThrottle(qmp, spec, d.ioThrottleBps);
+      if (!verified && d.startRam) {
         const v = await sender.verify(this.o.verify === 'sample' ? 0.05 : undefined);
         this.view.verify = { mode: this.o.verify, ...v };
         verified = true;
         continue;
       }
-      if (verified && (await d).startRam && sender.pendingExtra() === 0) break;
+      if (verified && d.startRam && sender.pendingExtra() === 0) break;
     }
 
     // ── Perform: RAM ──
