@@ -20,6 +20,7 @@ import { DiskReceiver } from './disk-dest.js';
 import type { DestPhase, Journal } from './journal.js';
 import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
+import { differingPages, guestPageHashes } from './ram-check.js';
 import { connectToQemu, type RamSink } from './ram-pipe.js';
 
 export interface DestHost {
@@ -82,6 +83,7 @@ export class DestinationMigration {
   private receiver: DiskReceiver | undefined;
   private ram: RamSink | undefined;
   private ramBacklog: Buffer[] = [];
+  private ramEnd: Extract<Control, { t: 'ram-end' }> | undefined;
   private finishing: Promise<void> | undefined;
   private spec: VmSpec;
   /** set when the source is known gone: finishing gives up unless QEMU already completed */
@@ -137,6 +139,9 @@ export class DestinationMigration {
         break;
       case 'final':
         this.finishing = this.finish(m.n);
+        break;
+      case 'ram-end':
+        this.ramEnd = m;
         break;
       case 'confirm':
         this.journal('done');
@@ -215,6 +220,24 @@ export class DestinationMigration {
     }
   }
 
+  /** QEMU loaded exactly the bytes the source's QEMU wrote, or the VM must not run here. */
+  private async checkRamStream(qmp: QemuInstance['qmp']): Promise<void> {
+    while (!this.ramEnd) {
+      if (this.phase === 'aborted' || this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before it sent the RAM stream digest');
+      await sleep(2);
+    }
+    const e = this.ramEnd;
+    const got = { bytes: this.ram?.bytes() ?? 0, sha256: this.ram?.digest() ?? '' };
+    if (got.bytes !== e.bytes || got.sha256 !== e.sha256) {
+      throw new FerryError('VERIFY_FAILED', `the RAM stream differs: the source's QEMU wrote ${e.bytes} bytes (sha256 ${e.sha256.slice(0, 16)}…), this QEMU was fed ${got.bytes} (${got.sha256.slice(0, 16)}…)`);
+    }
+    if (e.mem) {
+      const mine = await guestPageHashes(qmp, this.spec.memoryMiB * 2 ** 20, path.dirname(this.host.ramSocket(this.spec)), 'dst');
+      const diff = differingPages(e.mem, mine);
+      console.error(`ferry: FERRY_DEBUG_RAMCMP migration ${this.id}: ${diff.length} guest page(s) differ${diff.length ? ': ' + diff.slice(0, 64).map((a) => '0x' + a.toString(16)).join(' ') : ''}`);
+    }
+  }
+
   /** FINAL barrier n: the guest is paused at the source. Verify, wait for RAM, run. */
   private async finish(n: number): Promise<void> {
     const t: Record<string, number> = { finalAt: Date.now() };
@@ -244,6 +267,8 @@ export class DestinationMigration {
         await sleep(10);
       }
       t.ramCompletedAt = Date.now();
+      await this.checkRamStream(qmp);
+      t.ramCheckedAt = Date.now();
       // Integrity bookkeeping for the benchmark: what the guest writes from now on.
       for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
       this.journal('running');

@@ -35,8 +35,10 @@
 //   ram        S→D `ram-start`; D runs migrate-incoming and answers `ram-ready`; QEMU's stream
 //              flows on RAM; disk rounds continue
 //   switchover QEMU paused at pre-switchover: S sends the final disk round + FINAL barrier, then
-//              migrate-continue. D flushes/verifies, waits for QEMU `completed`, journals
-//              `running`, `cont`, announces, and sends `running` (or `failed` {reason})
+//              migrate-continue. When S's QEMU closed its stream, S sends `ram-end` {bytes,
+//              sha256} of every RAM-stream byte it read. D flushes/verifies the disks, waits for
+//              QEMU `completed` and checks that it fed QEMU exactly those bytes (same count and
+//              SHA-256), journals `running`, `cont`, announces, and sends `running` (or `failed`)
 //   confirm    S quits its QEMU and deletes the source copy, then sends `confirm`; D → done
 //   query      after a crash, S asks `query` {id} on a new session; D answers `state` {phase}
 import { FerryError } from '../errors.js';
@@ -126,6 +128,8 @@ export type Control =
   | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean }; params: Record<string, number> }
   | { t: 'ram-ready'; rid: number }
   | { t: 'final'; n: number }
+  /** mem: FERRY_DEBUG_RAMCMP only, 8-byte hashes of each 4 KiB guest page (base64) */
+  | { t: 'ram-end'; bytes: number; sha256: string; mem?: string }
   | { t: 'running'; at: number; timings: Record<string, number> }
   | { t: 'failed'; reason: string }
   | { t: 'confirm'; id?: string }

@@ -4,6 +4,7 @@
 // fast as the transport accepts (so QEMU sees the real drain rate). The destination agent
 // connects to its QEMU's `migrate-incoming unix:…` socket and writes the channel's bytes into it.
 // The stream gets the transport's compression, multi-stream striping and resumption for free.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Session } from '../transport/session.js';
@@ -12,6 +13,8 @@ import { CH } from './protocol.js';
 export interface RamSource {
   /** bytes read from QEMU and handed to the transport */
   bytes(): number;
+  /** SHA-256 (hex) of every byte handed to the transport; final once `ended` resolved */
+  digest(): string;
   /** resolves when QEMU closed the stream and every byte was queued */
   ended: Promise<void>;
   close(): void;
@@ -20,6 +23,8 @@ export interface RamSource {
 export async function listenForQemu(sockPath: string, session: Session): Promise<RamSource> {
   fs.rmSync(sockPath, { force: true });
   let bytes = 0;
+  const hash = crypto.createHash('sha256');
+  let digest = '';
   let endResolve!: () => void;
   const ended = new Promise<void>((r) => (endResolve = r));
   let chain = Promise.resolve();
@@ -31,6 +36,7 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
       c.pause();
       chain = chain.then(async () => {
         try {
+          hash.update(d);
           await session.send(CH.RAM, d);
           bytes += d.length;
         } catch {
@@ -40,7 +46,12 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
         c.resume();
       });
     });
-    c.on('close', () => void chain.then(endResolve));
+    c.on('close', () =>
+      void chain.then(() => {
+        digest = hash.digest('hex');
+        endResolve();
+      }),
+    );
     c.on('error', () => {});
   });
   await new Promise<void>((resolve, reject) => {
@@ -49,6 +60,7 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
   });
   return {
     bytes: () => bytes,
+    digest: () => digest,
     ended,
     close: () => {
       conn?.destroy();
@@ -61,6 +73,8 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
 export interface RamSink {
   write(b: Buffer): void;
   bytes(): number;
+  /** SHA-256 (hex) of every byte written so far */
+  digest(): string;
   close(): void;
 }
 
@@ -68,14 +82,17 @@ export interface RamSink {
 export function connectToQemu(sockPath: string): Promise<RamSink> {
   return new Promise((resolve, reject) => {
     let bytes = 0;
+    const hash = crypto.createHash('sha256');
     const c = net.connect(sockPath);
     c.once('connect', () =>
       resolve({
         write: (b) => {
           bytes += b.length;
+          hash.update(b);
           c.write(b);
         },
         bytes: () => bytes,
+        digest: () => hash.copy().digest('hex'),
         close: () => c.destroy(),
       }),
     );

@@ -14,6 +14,7 @@
 // (`failed`, or `aborted` in answer to a query); if the destination cannot be asked, the VM
 // stays paused here and the question is repeated: never on two hosts at once.
 import crypto from 'node:crypto';
+import path from 'node:path';
 import { FerryError } from '../errors.js';
 import { ioThrottle, migrateCancel, migrateContinue, migrateTo, queryMigrate, ramCapabilities, ramParameters, runState, cont, type RamStatus } from '../qemu/migration-ops.js';
 import type { QemuInstance } from '../qemu/instance.js';
@@ -26,6 +27,7 @@ import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
+import { guestPageHashes, ramCompareEnabled } from './ram-check.js';
 import { listenForQemu, type RamSource } from './ram-pipe.js';
 
 export interface MigrateOptions {
@@ -278,6 +280,13 @@ export class SourceMigration {
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
     await migrateContinue(qmp);
     timings.continuedAt = Date.now();
+    // The RAM stream is checked end to end: the destination compares it before it runs the VM.
+    const ramSrc = this.ramSrc!;
+    await Promise.race([ramSrc.ended, outcome]);
+    if (ramSrc.digest()) {
+      const mem = ramCompareEnabled() ? await guestPageHashes(qmp, spec.memoryMiB * 2 ** 20, path.dirname(ramSock), 'src') : undefined;
+      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(mem ? { mem } : {}) });
+    }
     const answer = await outcome;
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
 
