@@ -27,6 +27,8 @@ export interface AgentConfig {
 }
 
 export const files = (dataDir: string) => ({
+  /** the default chunk store (backups): created on first use */
+  store: path.join(dataDir, 'store'),
   config: path.join(dataDir, 'agent.json'),
   token: path.join(dataDir, 'api-token'),
   key: path.join(dataDir, 'host.key'),

@@ -44,7 +44,7 @@ export class Migrations {
 
   constructor(
     private readonly vms: VmManager,
-    db: StateDb,
+    private readonly db: StateDb,
     private readonly host: { hostName: string; qemuVersion: string; dataDir: string; imagesDir: string },
     private readonly log: (m: string) => void,
   ) {
@@ -164,7 +164,9 @@ export class Migrations {
     if (v.state !== 'running') problems.push(`VM "${vm}" is ${v.state}; only a running VM can be live-migrated`);
     const active = [...this.jobs.values()].find((j) => j.vmName === vm && !j.view.endedAt);
     if (active) problems.push(`VM "${vm}" is already migrating (${active.id.slice(0, 8)})`);
-    if (problems.length) throw new FerryError(active ? 'VM_BUSY' : trusted ? 'VM_NOT_RUNNING' : 'HOST_NOT_FOUND', problems.join('; '), { details: { problems } });
+    const snaps = this.db.snapshots(vm).length;
+    if (snaps) problems.push(`VM "${vm}" has ${snaps} snapshot(s): delete them first (\`ferry snapshot delete\`); only a single-image disk chain is migrated`);
+    if (problems.length) throw new FerryError(active ? 'VM_BUSY' : !trusted ? 'HOST_NOT_FOUND' : snaps ? 'MIGRATION_REFUSED' : 'VM_NOT_RUNNING', problems.join('; '), { details: { problems } });
     const m = new SourceMigration(this.sourceHost(), vm, o);
     this.jobs.set(m.id, m);
     void m.run().then(() => this.log(`migration ${m.id.slice(0, 8)} of ${vm} to ${to}: ${m.view.phase}${m.view.error ? ` (${m.view.error.message})` : ''}`));

@@ -23,6 +23,13 @@
 //   POST   /v1/vms/:name/migrate/native            source: {host, nbdPort, migratePort, tuning, timeoutMs, to} → job
 //   GET    /v1/vms/:name/migration                 the job (progress, result, guest probes), either side
 //   POST   /v1/vms/:name/dirty-since-switchover    destination: pause; extents written since the switchover
+//   POST   /v1/vms/:name/backups                   back up a running VM {store, keyFile, full} → job
+//   POST   /v1/backups/restore                     {store, keyFile, backup, name | inPlace} → job
+//   GET    /v1/jobs, /v1/jobs/:id                  long operations: progress, result, error
+//   GET    /v1/vms/:name/snapshots                 the snapshot tree
+//   POST   /v1/vms/:name/snapshots                 {name, memory}: take one (live)
+//   POST   /v1/vms/:name/snapshots/:snap/revert    return the VM to it
+//   DELETE /v1/vms/:name/snapshots/:snap           delete it, merging its data (live)
 import fs from 'node:fs';
 import { FerryError } from '../errors.js';
 import { listImages } from '../image/catalog.js';
@@ -30,6 +37,9 @@ import type { StateDb } from '../state/db.js';
 import { Router, type Req } from './http.js';
 import type { MigrateRequest, Migrations } from './migrations.js';
 import type { IncomingRequest, NativeMigrations, OutgoingRequest } from './native-migration.js';
+import type { Backups } from './backups.js';
+import type { Jobs } from './jobs.js';
+import type { Snapshots } from './snapshots.js';
 import type { CreateRequest, VmManager } from './vms.js';
 
 export interface HostInfo {
@@ -60,7 +70,7 @@ function optNumber(body: Record<string, unknown>, k: string): number | undefined
   return v;
 }
 
-export function buildRouter(vms: VmManager, native: NativeMigrations, migrations: Migrations, db: StateDb, host: () => HostInfo): Router {
+export function buildRouter(vms: VmManager, native: NativeMigrations, migrations: Migrations, db: StateDb, host: () => HostInfo, more: { jobs: Jobs; backups: Backups; snapshots: Snapshots }): Router {
   const r = new Router();
   r.add('GET', '/v1/host', () => {
     const h = host();
@@ -94,6 +104,14 @@ export function buildRouter(vms: VmManager, native: NativeMigrations, migrations
   r.add('POST', '/v1/vms/:name/dirty-since-switchover', (q) => native.dirtySinceSwitchover(q.params.name!));
   r.add('POST', '/v1/vms/:name/migrate/native', (q) => native.start(q.params.name!, q.body as unknown as OutgoingRequest));
   r.add('GET', '/v1/vms/:name/migration', (q) => native.status(q.params.name!));
+  r.add('POST', '/v1/vms/:name/backups', (q) => more.backups.create(q.params.name!, q.body as { store?: string; keyFile?: string; full?: boolean }));
+  r.add('POST', '/v1/backups/restore', (q) => more.backups.restore(q.body as unknown as { backup: string; store?: string; keyFile?: string; name?: string; inPlace?: boolean }));
+  r.add('GET', '/v1/vms/:name/snapshots', (q) => more.snapshots.list(q.params.name!));
+  r.add('POST', '/v1/vms/:name/snapshots', (q) => more.snapshots.create(q.params.name!, q.body.name as string, { memory: bool(q.query, 'memory', q.body) }));
+  r.add('POST', '/v1/vms/:name/snapshots/:snap/revert', (q) => more.snapshots.revert(q.params.name!, q.params.snap!));
+  r.add('DELETE', '/v1/vms/:name/snapshots/:snap', (q) => more.snapshots.delete(q.params.name!, q.params.snap!));
+  r.add('GET', '/v1/jobs', () => more.jobs.list());
+  r.add('GET', '/v1/jobs/:id', (q) => more.jobs.get(q.params.id!));
   r.add('GET', '/v1/events', (q) => {
     const limit = q.query.get('limit');
     const vm = q.query.get('vm');

@@ -14,7 +14,10 @@ import { run } from '../util/exec.js';
 import { createServer } from './http.js';
 import { certFingerprint, readToken } from './identity.js';
 import { buildRouter, type HostInfo } from './routes.js';
+import { Backups } from './backups.js';
+import { Jobs } from './jobs.js';
 import { Migrations } from './migrations.js';
+import { Snapshots } from './snapshots.js';
 import { NativeMigrations } from './native-migration.js';
 import { VmManager } from './vms.js';
 
@@ -63,6 +66,8 @@ export async function runAgent(dataDir: string, opts: { listen?: string; log?: (
   const qemuVersion = (await run(QEMU_BIN, ['--version']).catch(() => ({ stdout: 'unknown' }))).stdout.split('\n')[0]!.trim();
   const vms = new VmManager(db, dataDir, cfg.imagesDir, accel.accel);
   const { reattached, crashed } = await vms.recover();
+  const snapshots = new Snapshots(vms, db);
+  for (const m of await snapshots.recover()) log(`snapshot recovery: ${m}`);
   const startedAt = Date.now();
   const info: HostInfo = {
     hostName: cfg.hostName,
@@ -85,7 +90,8 @@ export async function runAgent(dataDir: string, opts: { listen?: string; log?: (
     throw new FerryError('INVALID_ARGUMENT', `cannot listen for migrations on ${transportListen}: ${(e as Error).message}`, { cause: e });
   }
   migrations.recover();
-  const server = createServer(buildRouter(vms, new NativeMigrations(vms), migrations, db, () => info), readToken(dataDir), log);
+  const jobs = new Jobs();
+  const server = createServer(buildRouter(vms, new NativeMigrations(vms), migrations, db, () => info, { jobs, backups: new Backups(vms, jobs, dataDir), snapshots }), readToken(dataDir), log);
   const listen = opts.listen ?? cfg.listen;
   const [hostPart, portPart] = splitHostPort(listen);
   await new Promise<void>((resolve, reject) => {

@@ -15,6 +15,7 @@ import { readImage } from '../image/catalog.js';
 import type { Accel } from '../qemu/accel.js';
 import { qemuArgs, type VmPaths } from '../qemu/cmdline.js';
 import { QemuInstance, isQemuFor, pidAlive, type ExitInfo } from '../qemu/instance.js';
+import { loadState } from '../qemu/snapshot-ops.js';
 import type { GuestStats } from '../qemu/serial.js';
 import type { StateDb, VmRecord } from '../state/db.js';
 import * as qcow2 from '../storage/qcow2.js';
@@ -163,6 +164,41 @@ export class VmManager {
         fs.rmSync(p.dir, { recursive: true, force: true });
         throw e;
       }
+      return this.get(name);
+    });
+  }
+
+  /**
+   * Defines a VM whose disks `fill` writes into its new directory (a restore from a backup).
+   * Nothing is left behind if `fill` fails.
+   */
+  async importVm(spec: VmSpec, fill: (dir: string) => Promise<void>): Promise<VmView> {
+    validateName(spec.name);
+    if (this.db.getVm(spec.name)) throw new FerryError('VM_EXISTS', `a VM named "${spec.name}" already exists`);
+    return this.exclusive(spec.name, async () => {
+      const p = this.paths(spec);
+      if (fs.existsSync(p.dir)) throw new FerryError('VM_EXISTS', `${p.dir} already exists`);
+      fs.mkdirSync(p.dir, { recursive: true, mode: 0o700 });
+      try {
+        await fill(p.dir);
+        this.db.insertVm(spec, { state: 'stopped' });
+        this.db.addEvent(spec.name, 'created', `restored: ${spec.disks.length} disk(s)`);
+      } catch (e) {
+        fs.rmSync(p.dir, { recursive: true, force: true });
+        throw e;
+      }
+      return this.get(spec.name);
+    });
+  }
+
+  /** Replaces a stopped VM's disk files and definition (restore in place); holds the VM's lock. */
+  async replaceDisks(name: string, fill: (spec: VmSpec, dir: string) => Promise<VmSpec>): Promise<VmView> {
+    return this.exclusive(name, async () => {
+      const rec = this.record(name);
+      if (isActive(rec.runtime) || rec.runtime.state === 'starting') throw new FerryError('VM_RUNNING', `VM "${name}" is ${rec.runtime.state}: stop it to restore in place (or restore to a new VM with --name)`);
+      const spec = await fill(rec.spec, this.paths(rec.spec).dir);
+      this.db.setSpec(spec);
+      this.db.addEvent(name, 'restored', 'disks restored in place from a backup');
       return this.get(name);
     });
   }
@@ -332,6 +368,38 @@ export class VmManager {
     });
   }
 
+  /**
+   * Starts a stopped VM from a saved RAM/device state (a snapshot taken with memory): QEMU starts
+   * with `-incoming defer`, loads the state file, and runs (or stays paused).
+   */
+  async startFromState(name: string, stateFile: string, run: boolean): Promise<VmView> {
+    return this.exclusive(name, async () => {
+      const rec = this.record(name);
+      if (isActive(rec.runtime)) throw new FerryError('VM_RUNNING', `VM "${name}" is ${rec.runtime.state}`);
+      const spec = rec.spec;
+      const p = this.paths(spec);
+      fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
+      this.setRuntime(name, { state: 'starting' });
+      let inst: QemuInstance;
+      try {
+        inst = await QemuInstance.launch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
+      } catch (e) {
+        this.setRuntime(name, { state: 'crashed', reason: (e as Error).message, at: Date.now() }, { kind: 'start-failed', message: (e as Error).message });
+        throw e;
+      }
+      this.adopt(name, inst);
+      try {
+        await loadState(inst.qmp, `${p.qmpSocket}.state`, stateFile);
+      } catch (e) {
+        inst.kill();
+        throw e;
+      }
+      if (run) await inst.resume();
+      this.setRuntime(name, run ? { state: 'running', pid: inst.pid, startedAt: Date.now() } : { state: 'paused', pid: inst.pid, startedAt: Date.now() }, { kind: 'started', message: `QEMU pid ${inst.pid}, from saved state` });
+      return this.get(name);
+    });
+  }
+
   /** Wires an instance's exit to the VM's state. */
   private adopt(name: string, inst: QemuInstance): void {
     this.instances.set(name, inst);
@@ -492,7 +560,7 @@ function view(r: VmRecord): VmView {
 }
 
 /** A stable locally administered MAC from the VM's uuid. */
-function macFor(uuid: string, index: number): string {
+export function macFor(uuid: string, index: number): string {
   const h = crypto.createHash('sha256').update(`${uuid}/${index}`).digest();
   return ['52', '54', '00', h[0], h[1], h[2]].map((b) => (typeof b === 'number' ? b.toString(16).padStart(2, '0') : b)).join(':');
 }

@@ -1,6 +1,7 @@
 // Why this file exists: `ferry bench …` commands (the benchmarks live in src/bench/).
 import type { Command } from 'commander';
 import path from 'node:path';
+import { backupTable, benchBackup } from '../bench/backup.js';
 import { benchMigrate } from '../bench/migrate.js';
 import { benchTransport } from '../bench/transport.js';
 import fs from 'node:fs';
@@ -14,6 +15,26 @@ import { printJson } from './output.js';
 
 export function registerBenchCommands(program: Command): void {
   const bench = program.command('bench').description('benchmarks on the WAN lab (results: JSON, markdown table, SVG plot)');
+  bench
+    .command('backup')
+    .description('full and incremental backups and dedup on this host, against qemu-img convert -c of the same disks')
+    .option('--disk <size>', 'data disk size', '2G')
+    .option('--used <size>', 'data on the data disk', '1G')
+    .option('--seed <n>', 'data seed', '1')
+    .option('--work-dir <dir>', 'scratch data dir (deleted first)', '/var/tmp/ferry-bench-backup')
+    .option('--out <dir>', 'results folder', 'bench-results')
+    .action(
+      action(async (o: Record<string, string>, cmd: Command) => {
+        const g = globals(cmd);
+        const r = await benchBackup({ diskBytes: parseSize(o.disk!), usedBytes: parseSize(o.used!), seed: Number(o.seed), workDir: path.resolve(o.workDir!), say: g.json ? () => {} : say });
+        const dir = path.join(o.out!, `backup-${r.startedAt.replace(/[:.]/g, '-')}`);
+        fs.mkdirSync(dir, { recursive: true });
+        fs.writeFileSync(path.join(dir, 'result.json'), JSON.stringify(r, null, 2));
+        fs.writeFileSync(path.join(dir, 'result.md'), backupTable(r) + '\n');
+        if (g.json) printJson(r);
+        else say(`\n${backupTable(r)}\n\nresults: ${dir}`);
+      }),
+    );
   bench
     .command('migrate')
     .description('migrate a VM with its workload across the emulated WAN: QEMU native (libvirt-style) vs Ferry, same link, same run')

@@ -14,9 +14,11 @@ import { setup } from '../setup/packages.js';
 import { formatBytes } from '../util/units.js';
 import { action, client, globals, say, type Globals } from './common.js';
 import { fail, printJson, table } from './output.js';
+import { registerBackupCommands } from './backup.js';
 import { registerBenchCommands } from './bench.js';
 import { registerLabCommands } from './lab.js';
 import { registerMigrateCommands } from './migrate.js';
+import { registerSnapshotCommands } from './snapshot.js';
 import { registerVmCommands } from './vm.js';
 
 
@@ -187,6 +189,8 @@ program
 
 registerVmCommands(program);
 registerMigrateCommands(program);
+registerBackupCommands(program);
+registerSnapshotCommands(program);
 registerLabCommands(program);
 registerBenchCommands(program);
 

@@ -234,7 +234,9 @@ export class DestinationMigration {
     if (e.mem) {
       const mine = await guestPageHashes(qmp, this.spec.memoryMiB * 2 ** 20, path.dirname(this.host.ramSocket(this.spec)), 'dst');
       const diff = differingPages(e.mem, mine);
-      console.error(`ferry: FERRY_DEBUG_RAMCMP migration ${this.id}: ${diff.length} guest page(s) differ${diff.length ? ': ' + diff.slice(0, 64).map((a) => '0x' + a.toString(16)).join(' ') : ''}`);
+      const line = `ferry: FERRY_DEBUG_RAMCMP migration ${this.id}: ${diff.length} guest page(s) differ${diff.length ? ': ' + diff.slice(0, 64).map((a) => '0x' + a.toString(16)).join(' ') : ''}`;
+      console.error(line);
+      fs.appendFileSync('/tmp/ferry-ramcmp.log', `${new Date().toISOString()} ${line}\n`);
     }
   }
 

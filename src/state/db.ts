@@ -5,7 +5,7 @@
 import Database from 'better-sqlite3';
 import type { VmRuntime, VmSpec } from '../vm/spec.js';
 
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 
 export interface VmRecord {
   spec: VmSpec;
@@ -31,6 +31,20 @@ export interface MigrationRow {
   data: Record<string, unknown>;
   created_at?: number;
   updated_at?: number;
+}
+
+export interface SnapshotRow {
+  vm: string;
+  name: string;
+  parent: string | null;
+  createdAt: number;
+  /** creating: journaled before QEMU switched to the overlays (recovery decides) */
+  status: 'creating' | 'ready';
+  files: string[];
+  stateFile: string | null;
+  wasRunning: boolean;
+  /** the VM's definition before this snapshot (to undo a snapshot that did not take effect) */
+  prevSpec: VmSpec;
 }
 
 export class StateDb {
@@ -88,6 +102,63 @@ export class StateDb {
         INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', '2');
       `);
     }
+    if (v < 3) {
+      // External snapshots (src/agent/snapshots.ts): a tree per VM. `files` are the frozen images
+      // (one per disk), `state_file` the saved RAM/device state when taken with --memory.
+      this.db.exec(`
+        CREATE TABLE snapshots (
+          vm TEXT NOT NULL,
+          name TEXT NOT NULL,
+          parent TEXT,
+          created_at INTEGER NOT NULL,
+          status TEXT NOT NULL,
+          files TEXT NOT NULL,
+          state_file TEXT,
+          was_running INTEGER NOT NULL,
+          prev_spec TEXT NOT NULL,
+          PRIMARY KEY (vm, name)
+        );
+        CREATE TABLE snapshot_current (vm TEXT PRIMARY KEY, name TEXT);
+        INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', '3');
+      `);
+    }
+  }
+
+  snapshots(vm: string): SnapshotRow[] {
+    return (this.db.prepare(`SELECT * FROM snapshots WHERE vm = ? ORDER BY created_at`).all(vm) as Record<string, unknown>[]).map((r) => ({
+      vm: r.vm as string,
+      name: r.name as string,
+      parent: (r.parent as string | null) ?? null,
+      createdAt: r.created_at as number,
+      status: r.status as SnapshotRow['status'],
+      files: JSON.parse(r.files as string) as string[],
+      stateFile: (r.state_file as string | null) ?? null,
+      wasRunning: !!r.was_running,
+      prevSpec: JSON.parse(r.prev_spec as string) as VmSpec,
+    }));
+  }
+
+  snapshotCurrent(vm: string): string | null {
+    return ((this.db.prepare(`SELECT name FROM snapshot_current WHERE vm = ?`).get(vm) as { name: string | null } | undefined)?.name) ?? null;
+  }
+
+  /** Runs `fn` in one transaction (snapshot bookkeeping changes several rows at once). */
+  tx<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+
+  putSnapshot(s: SnapshotRow): void {
+    this.db
+      .prepare(`INSERT OR REPLACE INTO snapshots (vm, name, parent, created_at, status, files, state_file, was_running, prev_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+      .run(s.vm, s.name, s.parent, s.createdAt, s.status, JSON.stringify(s.files), s.stateFile, s.wasRunning ? 1 : 0, JSON.stringify(s.prevSpec));
+  }
+
+  deleteSnapshot(vm: string, name: string): void {
+    this.db.prepare(`DELETE FROM snapshots WHERE vm = ? AND name = ?`).run(vm, name);
+  }
+
+  setSnapshotCurrent(vm: string, name: string | null): void {
+    this.db.prepare(`INSERT OR REPLACE INTO snapshot_current (vm, name) VALUES (?, ?)`).run(vm, name);
   }
 
   /** Writes (insert or update) one migration journal row; durable when this returns. */
@@ -129,8 +200,15 @@ export class StateDb {
     this.db.prepare(`UPDATE vms SET runtime = ?, updated_at = ? WHERE name = ?`).run(JSON.stringify(runtime), Date.now(), name);
   }
 
+  /** Replaces a VM's definition (restore in place, snapshots: its disk files change). */
+  setSpec(spec: VmSpec): void {
+    this.db.prepare(`UPDATE vms SET spec = ?, updated_at = ? WHERE name = ?`).run(JSON.stringify(spec), Date.now(), spec.name);
+  }
+
   deleteVm(name: string): void {
     this.db.prepare(`DELETE FROM vms WHERE name = ?`).run(name);
+    this.db.prepare(`DELETE FROM snapshots WHERE vm = ?`).run(name);
+    this.db.prepare(`DELETE FROM snapshot_current WHERE vm = ?`).run(name);
   }
 
   addEvent(vm: string | null, kind: string, message: string): void {

@@ -15,9 +15,12 @@ export async function createBlank(file: string, sizeBytes: number): Promise<void
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(sizeBytes)]);
 }
 
-/** An overlay on `backing`; `sizeBytes` may grow the disk beyond the template's size. */
-export async function createOverlay(file: string, backing: string, sizeBytes?: number): Promise<void> {
-  const args = ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', backing, file];
+/**
+ * An overlay on `backing`; `sizeBytes` may grow the disk beyond the template's size. `unsafe`
+ * does not open the backing (a running QEMU holds its lock); it needs `sizeBytes`.
+ */
+export async function createOverlay(file: string, backing: string, sizeBytes?: number, o: { unsafe?: boolean } = {}): Promise<void> {
+  const args = ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', backing, ...(o.unsafe ? ['-u'] : []), file];
   if (sizeBytes) args.push(String(sizeBytes));
   await run('qemu-img', args);
 }
@@ -26,6 +29,11 @@ export async function info(file: string): Promise<ImageInfo> {
   const r = await run('qemu-img', ['info', '--output=json', '-U', file]);
   const j = JSON.parse(r.stdout) as { 'virtual-size': number; 'actual-size': number; format: string; 'backing-filename'?: string };
   return { virtualSize: j['virtual-size'], actualSize: j['actual-size'], format: j.format, backingFile: j['backing-filename'] };
+}
+
+/** Makes `file` read through `backing` (none: standalone), copying what the change needs. */
+export async function rebase(file: string, backing: string | undefined): Promise<void> {
+  await run('qemu-img', ['rebase', '-q', '-f', 'qcow2', ...(backing ? ['-F', 'qcow2', '-b', backing] : ['-b', '']), file]);
 }
 
 export function remove(file: string): void {
