@@ -6,6 +6,7 @@
 // protocol itself lives in src/migration/.
 import fs from 'node:fs';
 import path from 'node:path';
+import { files } from '../config.js';
 import { FerryError } from '../errors.js';
 import { readImage } from '../image/catalog.js';
 import { serveSession, type DestHost, type DestinationMigration } from '../migration/destination.js';
@@ -15,6 +16,7 @@ import { recoverDest, recoverSource, type RecoverHost } from '../migration/recov
 import { SourceMigration, type MigrateOptions, type MigrationView, type SourceHost } from '../migration/source.js';
 import type { MigrationRow, StateDb } from '../state/db.js';
 import { templateIndex } from '../storage/chunk-index.js';
+import { backupSeed } from '../store/seed.js';
 import { dial, listen, type Listener } from '../transport/endpoint.js';
 import { loadIdentity, readTrust } from '../transport/tls.js';
 import type { VmSpec } from '../vm/spec.js';
@@ -131,7 +133,11 @@ export class Migrations {
       ramSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.ram`,
       activate: (name, from) => this.vms.activateIncoming(name, from),
       discard: (name, cacheDir) => this.vms.discardIncoming(name, cacheDir),
-      chunkIndexes: (spec) => Promise.all([...new Set(spec.disks.map((d) => d.backing).filter((b): b is string => !!b && fs.existsSync(b)))].map((t) => templateIndex(t))),
+      chunkIndexes: async (spec) => {
+        const templates = await Promise.all([...new Set(spec.disks.map((d) => d.backing).filter((b): b is string => !!b && fs.existsSync(b)))].map((t) => templateIndex(t)));
+        const seed = backupSeed(files(this.host.dataDir).store, spec);
+        return seed ? [...templates, seed] : templates;
+      },
     };
   }
 

@@ -33,6 +33,8 @@ export interface BackupBenchReport {
   incremental: { changedBytes: number; sec: number; bytesRead: number; ratioToFull: number };
   dedup: { oneVmStored: number; twoVmsStored: number; differenceBytes: number; ratio: number };
   qemuImg: { sec: number; mbPerSec: number; outputBytes: number };
+  /** live snapshots of VM a: the QMP transaction, and the largest heartbeat gap the guest saw */
+  snapshots: { diskOnlyPauseMs: number; diskOnlyGuestGapMs: number; memoryPauseMs: number; memoryGuestGapMs: number; memoryStateBytes: number };
 }
 
 const cli = (dataDir: string, args: string[]) => spawnSync(process.execPath, [path.join(distDir, 'cli', 'main.js'), '--data-dir', dataDir, ...args], { encoding: 'utf8' });
@@ -52,7 +54,7 @@ export async function benchBackup(o: BackupBenchOptions): Promise<BackupBenchRep
     const vm = async (name: string, seed: number) => {
       const file = path.join(dataDir, 'import', `${name}.qcow2`);
       await makeDataDisk(file, { diskBytes: o.diskBytes, usedBytes: o.usedBytes, seed }, img.root);
-      await api.post('/v1/vms', { name, image: GUEST_IMAGE, memoryMiB: 256, disks: [{ file }], workload: { heartbeatHz: 2 } });
+      await api.post('/v1/vms', { name, image: GUEST_IMAGE, memoryMiB: 256, disks: [{ file }], workload: { heartbeatHz: 20 } });
       await api.post(`/v1/vms/${name}/start`);
       await waitFor(`${name} to boot`, 180_000, async () => ((await api.get<GuestStats>(`/v1/vms/${name}/guest`)).ready ? true : undefined));
       return file;
@@ -81,7 +83,7 @@ export async function benchBackup(o: BackupBenchOptions): Promise<BackupBenchRep
       return i.storedBytes;
     };
 
-    say(`preparing VM a: a ${o.diskBytes >> 20} MiB data disk with ${o.usedBytes >> 20} MiB used, on the ${GUEST_IMAGE} template`);
+    say(`preparing VM a: a ${Math.round(o.diskBytes / 2 ** 20)} MiB data disk with ${Math.round(o.usedBytes / 2 ** 20)} MiB used, on the ${GUEST_IMAGE} template`);
     const fileA = await vm('a', o.seed);
     say('qemu-img convert -c -O qcow2 of the same disks (the yardstick)');
     const q0 = Date.now();
@@ -95,7 +97,7 @@ export async function benchBackup(o: BackupBenchOptions): Promise<BackupBenchRep
     const full = await backup('a');
     const fullSec = full.durationMs / 1000;
     const afterFull = stored();
-    say(`  read ${full.bytesRead >> 20} MiB in ${fullSec.toFixed(2)} s, stored ${afterFull >> 20} MiB`);
+    say(`  read ${Math.round(full.bytesRead / 2 ** 20)} MiB in ${fullSec.toFixed(2)} s, stored ${Math.round(afterFull / 2 ** 20)} MiB`);
     const qMbps = full.bytesRead / 1e6 / qSec;
 
     const change = Math.round(full.bytesRead / 100 / 65536) * 65536;
@@ -105,6 +107,19 @@ export async function benchBackup(o: BackupBenchOptions): Promise<BackupBenchRep
     const incr = await backup('a');
     say(`  read ${incr.bytesRead >> 10} KiB in ${(incr.durationMs / 1000).toFixed(3)} s (${incr.kind})`);
     const oneVm = stored();
+
+    say('snapshots of a, live: disk-only, then with memory (guest heartbeat 20 Hz)');
+    const snap = async (name: string, memory: boolean) => {
+      await api.post('/v1/vms/a/guest/reset-gap');
+      await sleep(1000);
+      const r = await api.post<{ pauseMs: number; stateBytes?: number }>('/v1/vms/a/snapshots', { name, memory });
+      await sleep(1000);
+      const g = await api.get<GuestStats>('/v1/vms/a/guest');
+      return { pauseMs: r.pauseMs, gapMs: g.maxGapMs, stateBytes: r.stateBytes ?? 0 };
+    };
+    const sd = await snap('disk-only', false);
+    const sm = await snap('with-memory', true);
+    say(`  disk-only: ${sd.pauseMs} ms transaction, guest gap ${sd.gapMs} ms; with memory: ${sm.pauseMs} ms pause, guest gap ${sm.gapMs} ms`);
 
     say('VM b: the same template and data disk, 5 % of it rewritten with new data; backed up into the same store');
     await vm('b', o.seed);
@@ -120,6 +135,7 @@ export async function benchBackup(o: BackupBenchOptions): Promise<BackupBenchRep
       incremental: { changedBytes: change, sec: incr.durationMs / 1000, bytesRead: incr.bytesRead, ratioToFull: incr.durationMs / full.durationMs },
       dedup: { oneVmStored: oneVm, twoVmsStored: twoVms, differenceBytes: diff, ratio: twoVms / (oneVm + diff) },
       qemuImg: { sec: qSec, mbPerSec: qMbps, outputBytes: qOut },
+      snapshots: { diskOnlyPauseMs: sd.pauseMs, diskOnlyGuestGapMs: sd.gapMs, memoryPauseMs: sm.pauseMs, memoryGuestGapMs: sm.gapMs, memoryStateBytes: sm.stateBytes },
     };
   } finally {
     for (const n of ['a', 'b']) await api.del(`/v1/vms/${n}?force=true`).catch(() => {});
@@ -135,6 +151,8 @@ export function backupTable(r: BackupBenchReport): string {
     '|---|---|---|---|',
     `| full backup of ${mib(r.full.bytesRead)} used data | ${r.full.sec.toFixed(2)} s, **${r.full.mbPerSec.toFixed(0)} MB/s**, ${mib(r.full.storedBytes)} stored | ${r.qemuImg.sec.toFixed(2)} s, ${r.qemuImg.mbPerSec.toFixed(0)} MB/s, ${mib(r.qemuImg.outputBytes)} | ≥ 150 MB/s |`,
     `| incremental after a 1 % change (${mib(r.incremental.changedBytes)}) | ${(r.incremental.sec * 1000).toFixed(0)} ms, read ${mib(r.incremental.bytesRead)}, **${(r.incremental.ratioToFull * 100).toFixed(1)} %** of the full's time | (no incremental) | ≤ 3 % |`,
+    `| live snapshot, disk-only | QMP transaction ${r.snapshots.diskOnlyPauseMs} ms; largest guest heartbeat gap (20 Hz) **${r.snapshots.diskOnlyGuestGapMs} ms** | | pause < 100 ms |`,
+    `| live snapshot with memory (${mib(r.snapshots.memoryStateBytes)} of state) | pause ${r.snapshots.memoryPauseMs} ms; largest guest heartbeat gap ${r.snapshots.memoryGuestGapMs} ms | | |`,
     `| two VMs from one template (5 % = ${mib(r.dedup.differenceBytes)} differ) | ${mib(r.dedup.twoVmsStored)} stored vs ${mib(r.dedup.oneVmStored)} for one: **${r.dedup.ratio.toFixed(3)}×** (one VM + the difference) | 2 full copies | ≤ 1.1× |`,
   ].join('\n');
 }

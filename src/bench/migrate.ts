@@ -26,6 +26,8 @@ import type { GuestStats } from '../qemu/serial.js';
 import { run } from '../util/exec.js';
 import { sleep, waitFor } from '../util/wait.js';
 import { NATIVE_VARIANTS, makeDataDisk, type Scenario } from './scenario.js';
+import { storeInit } from '../store/store.js';
+import type { JobView } from '../agent/jobs.js';
 
 export interface Sample {
   t: number;
@@ -215,9 +217,9 @@ export async function runFerry(
   lab: LabState,
   s: Scenario,
   say: (m: string) => void,
-  o: { maxDowntimeMs?: number; verify?: 'full' | 'sample'; xbzrle?: boolean; cut?: { seconds: number; afterSeconds: number; flap: boolean }; onProgress?: (v: MigrationView) => Promise<void> | void; afterMigration?: (v: MigrationView, spec: VmView['spec']) => Promise<void> | void } = {},
+  o: { maxDowntimeMs?: number; verify?: 'full' | 'sample'; xbzrle?: boolean; cut?: { seconds: number; afterSeconds: number; flap: boolean }; onProgress?: (v: MigrationView) => Promise<void> | void; afterMigration?: (v: MigrationView, spec: VmView['spec']) => Promise<void> | void; seededAfterSec?: number } = {},
 ): Promise<RunResult & { view?: MigrationView }> {
-  const contender = 'ferry';
+  const contender = o.seededAfterSec === undefined ? 'ferry' : `ferry, h2 holds a backup ${o.seededAfterSec} s old`;
   const [h1, h2] = lab.hosts as [Host, Host];
   const src: AgentClient = labClient(h1);
   const dst: AgentClient = labClient(h2);
@@ -227,6 +229,20 @@ export async function runFerry(
   const image = readImage(JSON.parse(fs.readFileSync(path.join(h1.dataDir, 'agent.json'), 'utf8')).imagesDir, GUEST_IMAGE);
   try {
     const spec = await setupVm(src, h1.dataDir, s, 'ferry', image.root, say);
+    const seedStore = path.join(h2.dataDir, 'store');
+    if (o.seededAfterSec !== undefined) {
+      // "Last night's backup": h1 backs the VM up into h2's store, then the guest runs on.
+      fs.rmSync(seedStore, { recursive: true, force: true });
+      storeInit(seedStore);
+      const j = await src.post<JobView>(`/v1/vms/${VM}/backups`, { store: seedStore });
+      await waitFor('the seeding backup', 600_000, async () => {
+        const v = await src.get<JobView>(`/v1/jobs/${j.id}`);
+        if (v.state === 'failed') throw new Error(`seeding backup: ${v.error?.message}`);
+        return v.state === 'done' ? v : undefined;
+      });
+      say(`  backed up into h2's store; the guest runs ${o.seededAfterSec} s more before the migration`);
+      await sleep(o.seededAfterSec * 1000);
+    }
     await relayCommand(lab, { op: 'reset' });
     const t0 = Date.now();
     say(`  ${contender}: migrating h1 → h2 (${prof.description})`);
@@ -270,6 +286,7 @@ export async function runFerry(
   } finally {
     await src.del(`/v1/vms/${VM}?force=true`).catch(() => {});
     await dst.del(`/v1/vms/${VM}?force=true`).catch(() => {});
+    if (o.seededAfterSec !== undefined) fs.rmSync(path.join(h2.dataDir, 'store'), { recursive: true, force: true });
   }
   return result;
 }
@@ -281,7 +298,7 @@ export interface BenchReport {
   runs: RunResult[];
 }
 
-export async function benchMigrate(s: Scenario, o: { variants: string[]; ferry: boolean; say: (m: string) => void }): Promise<BenchReport> {
+export async function benchMigrate(s: Scenario, o: { variants: string[]; ferry: boolean; seededAfterSec?: number; say: (m: string) => void }): Promise<BenchReport> {
   const report: BenchReport = { scenario: s, startedAt: new Date().toISOString(), host: { cpus: os.cpus().length, kernel: os.release() }, runs: [] };
   for (const variant of o.variants) {
     await labDown('bench', { force: true });
@@ -297,6 +314,7 @@ export async function benchMigrate(s: Scenario, o: { variants: string[]; ferry: 
     const lab = await labUp({ name: 'bench', base: '10.220', profile: s.profile, seed: s.seed, cc: s.cc, scheduleOutage: false, say: () => {} });
     try {
       report.runs.push(await runFerry(lab, s, o.say));
+      if (o.seededAfterSec !== undefined) report.runs.push(await runFerry(lab, s, o.say, { seededAfterSec: o.seededAfterSec }));
     } finally {
       await labDown('bench', { force: true });
     }

@@ -52,6 +52,7 @@ export function registerBenchCommands(program: Command): void {
     .option('--native-suspend-after <s>', "libvirt's virsh migrate --timeout: suspend the guest if native migration has not converged after this long ('none' to never)", '300')
     .option('--out <dir>', 'results folder', 'bench-results')
     .option('--no-ferry', "skip Ferry's own migration (native runs only)")
+    .option('--seeded <sec>', "also run Ferry to a destination that holds a backup of the VM taken SEC seconds before the migration")
     .action(
       action(async (o: Record<string, string>, cmd: Command) => {
         if (o.vs !== 'native') throw new FerryError('INVALID_ARGUMENT', '--vs: only "native" is known');
@@ -71,7 +72,7 @@ export function registerBenchCommands(program: Command): void {
           ...(o.nativeSuspendAfter === 'none' ? {} : { suspendAfterSec: Number(o.nativeSuspendAfter) }),
         };
         const g = globals(cmd);
-        const r = await benchMigrate(s, { variants, ferry: (o as Record<string, unknown>).ferry !== false, say: g.json ? () => {} : say });
+        const r = await benchMigrate(s, { variants, ferry: (o as Record<string, unknown>).ferry !== false, ...(o.seeded !== undefined ? { seededAfterSec: Number(o.seeded) } : {}), say: g.json ? () => {} : say });
         const dir = path.join(o.out!, `migrate-${s.profile}-${r.startedAt.replace(/[:.]/g, '-')}`);
         const files = writeReport(r, dir);
         if (g.json) printJson({ ...r, files });

@@ -84,6 +84,7 @@ export class DestinationMigration {
   private ram: RamSink | undefined;
   private ramBacklog: Buffer[] = [];
   private ramEnd: Extract<Control, { t: 'ram-end' }> | undefined;
+  private indexes: ChunkIndex[] = [];
   private finishing: Promise<void> | undefined;
   private spec: VmSpec;
   /** set when the source is known gone: finishing gives up unless QEMU already completed */
@@ -144,6 +145,7 @@ export class DestinationMigration {
         this.ramEnd = m;
         break;
       case 'confirm':
+        for (const i of this.indexes.splice(0)) i.close?.();
         this.journal('done');
         host_forget(this.host, this.id);
         break;
@@ -182,9 +184,11 @@ export class DestinationMigration {
         await exportAdd(r.inst.qmp, { id: `fm-disk${i}`, node: `disk${i}`, name: `disk${i}`, writable: true });
         this.nbds.push(await NbdClient.connect({ path: sock }, `disk${i}`, ['base:allocation']));
       }
-      // Tell the source which 64 KiB blocks this host already holds (its templates): any disk
-      // block with that content crosses as a 32-byte reference.
+      // Tell the source which 64 KiB blocks this host already holds (its templates, and the
+      // newest backup of this VM in its chunk store): any disk block with that content crosses
+      // as a 32-byte reference.
       const idxs = await this.host.chunkIndexes(this.spec).catch(() => []);
+      this.indexes = idxs;
       if (idxs.length) {
         this.peer.session.useExternal((h) => {
           for (const i of idxs) {
@@ -303,6 +307,7 @@ export class DestinationMigration {
       return;
     }
     this.journal('aborted', { error: reason });
+    for (const i of this.indexes.splice(0)) i.close?.();
     this.ram?.close();
     for (const c of this.nbds) await c.close().catch(() => {});
     // Only what this migration created: its VM record exists from the start of Prepare.

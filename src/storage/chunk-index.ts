@@ -17,6 +17,8 @@ export interface ChunkIndex {
   hashes(): Buffer[];
   /** the chunk's content, or undefined when this index does not hold it */
   read(hash: Buffer): Buffer | undefined;
+  /** releases what the index holds open (a store's database) */
+  close?(): void;
 }
 
 const cache = new Map<string, Promise<ChunkIndex>>();

@@ -228,19 +228,13 @@ export class ChunkStore {
     return openChunk(file, id, this.key);
   }
 
-  /** Content addressed by plain SHA-256 (migration seeding); only unencrypted stores. */
-  getBySha(id: Buffer): Buffer | undefined {
-    if (this.key || !this.has(id)) return undefined;
+  /** A chunk's plain bytes if the store holds it intact (seeding: a miss is not an error). */
+  readIfPresent(id: Buffer): Buffer | undefined {
     try {
       return this.get(id);
     } catch {
       return undefined;
     }
-  }
-
-  /** Every chunk id the store holds (for seeding a migration). */
-  ids(): Buffer[] {
-    return [...this.known].map((h) => Buffer.from(h, 'hex'));
   }
 
   /** Makes the written chunks durable, then records the backup and its references atomically. */

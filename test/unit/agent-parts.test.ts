@@ -82,3 +82,50 @@ describe('trust store', () => {
     expect(loadIdentity(dir).trusted(Array(32).fill('AB').join(':'))).toBe(false);
   });
 });
+
+describe('jobs', () => {
+  it('report progress with a rate and an ETA, then a result or a coded error', async () => {
+    const { Jobs } = await import('../../src/agent/jobs.js');
+    const { FerryError } = await import('../../src/errors.js');
+    const jobs = new Jobs();
+    let report!: (p: string, d?: number, t?: number) => void;
+    let finish!: () => void;
+    const j = jobs.start('backup', 'vm1', (r) => {
+      report = r;
+      return new Promise<string>((res) => (finish = () => res('ok')));
+    });
+    report('reading', 0, 1000);
+    await new Promise((r) => setTimeout(r, 300));
+    report('reading', 500, 1000);
+    expect(jobs.get(j.id).progress.bytesPerSec).toBeGreaterThan(0);
+    expect(jobs.get(j.id).progress.etaSec).not.toBeNull();
+    finish();
+    await new Promise((r) => setTimeout(r, 10));
+    expect(jobs.get(j.id)).toMatchObject({ state: 'done', result: 'ok' });
+    const bad = jobs.start('restore', null, () => Promise.reject(new FerryError('STORE_FULL', 'full')));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(jobs.get(bad.id)).toMatchObject({ state: 'failed', error: { code: 'STORE_FULL' } });
+    expect(() => jobs.get('nope')).toThrow(expect.objectContaining({ code: 'NOT_FOUND' }));
+  });
+});
+
+describe('snapshot bookkeeping', () => {
+  it('keeps the tree and the current snapshot across a reopen of the database', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-snapdb-'));
+    const file = path.join(dir, 'state.db');
+    let db = new StateDb(file);
+    const spec = { name: 'v', uuid: 'u', vcpus: 1, memoryMiB: 128, disks: [], nics: [] };
+    db.insertVm(spec, { state: 'stopped' });
+    db.tx(() => {
+      db.putSnapshot({ vm: 'v', name: 'a', parent: null, createdAt: 1, status: 'ready', files: ['/x/a.qcow2'], stateFile: null, wasRunning: true, prevSpec: spec });
+      db.setSnapshotCurrent('v', 'a');
+    });
+    db.close();
+    db = new StateDb(file);
+    expect(db.snapshots('v').map((s) => [s.name, s.parent, s.files])).toEqual([['a', null, ['/x/a.qcow2']]]);
+    expect(db.snapshotCurrent('v')).toBe('a');
+    db.deleteVm('v');
+    expect(db.snapshots('v')).toEqual([]);
+    db.close();
+  });
+});

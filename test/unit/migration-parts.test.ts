@@ -150,3 +150,14 @@ describe('destination disk receiver', () => {
     expect(() => rx.push(Buffer.alloc(HEADER_BYTES))).toThrow(/malformed/);
   });
 });
+
+describe('RAM comparison (FERRY_DEBUG_RAMCMP)', () => {
+  it('names the guest-physical address of every page whose hash differs', async () => {
+    const { differingPages } = await import('../../src/migration/ram-check.js');
+    const a = Buffer.alloc(8 * 4);
+    const b = Buffer.from(a);
+    b[8 * 2] = 1;
+    expect(differingPages(a.toString('base64'), b.toString('base64'))).toEqual([2 * 4096]);
+    expect(differingPages(a.toString('base64'), a.toString('base64'))).toEqual([]);
+  });
+});
