@@ -9,7 +9,7 @@ import { createBackup } from '../backup/create.js';
 import { writeImage } from '../backup/restore.js';
 import { files } from '../config.js';
 import { FerryError } from '../errors.js';
-import { openStore, storeInit, type ChunkStore } from '../store/store.js';
+import { openStore, storeInit, type BackupRow, type ChunkStore } from '../store/store.js';
 import type { VmSpec } from '../vm/spec.js';
 import type { JobView, Jobs } from './jobs.js';
 import { macFor, type VmManager } from './vms.js';
@@ -57,7 +57,7 @@ export class Backups {
     if (typeof req.backup !== 'string' || !req.backup) throw new FerryError('INVALID_ARGUMENT', 'backup (an id or id prefix) is required');
     if (!req.name === !req.inPlace) throw new FerryError('INVALID_ARGUMENT', 'give either name (restore to a new VM) or inPlace');
     const store = this.open(req, false);
-    let b;
+    let b: BackupRow;
     try {
       b = store.backup(req.backup);
     } catch (e) {

@@ -102,6 +102,7 @@ export class Migrations {
       }),
       nbdSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.mnbd`,
       ramSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.ram`,
+      ramFile: (spec) => this.vms.paths(spec).ramFile,
       reserve: (name) => this.vms.reserve(name),
       release: (name) => this.vms.release(name),
       migratedAway: (name, to, keep) => this.vms.migratedAway(name, to, keep),
@@ -131,6 +132,7 @@ export class Migrations {
       },
       nbdSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.mnbd`,
       ramSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.ram`,
+      ramFile: (spec) => this.vms.paths(spec).ramFile,
       activate: (name, from) => this.vms.activateIncoming(name, from),
       discard: (name, cacheDir) => this.vms.discardIncoming(name, cacheDir),
       chunkIndexes: async (spec) => {

@@ -66,6 +66,8 @@ export class VmManager {
       pidFile: `${run}.pid`,
       serialLog: path.join(dir, 'serial.log'),
       qemuLog: path.join(dir, 'qemu.log'),
+      // /dev/shm is shared by every agent on the machine (the lab runs several): name by data dir.
+      ramFile: `/dev/shm/ferry-${crypto.createHash('sha256').update(this.dataDir).digest('hex').slice(0, 8)}-${spec.uuid.slice(0, 8)}.ram`,
     };
   }
 
@@ -243,7 +245,7 @@ export class VmManager {
         this.db.insertVm(spec, { state: 'stopped' });
         this.db.addEvent(name, 'created', `incoming migration from ${from}`);
         fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
-        const inst = await QemuInstance.launch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
+        const inst = await freshLaunch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
         this.adopt(name, inst);
         this.setRuntime(name, { state: 'incoming', pid: inst.pid, startedAt: Date.now(), from }, { kind: 'incoming', message: `QEMU pid ${inst.pid} waiting for migration from ${from}` });
         return { view: this.get(name), inst, bases };
@@ -354,7 +356,7 @@ export class VmManager {
       this.setRuntime(name, { state: 'starting' });
       let inst: QemuInstance;
       try {
-        inst = await QemuInstance.launch(qemuArgs(spec, p, this.accel, { startPaused: true }), p);
+        inst = await freshLaunch(qemuArgs(spec, p, this.accel, { startPaused: true }), p);
       } catch (e) {
         const reason = (e as Error).message;
         this.setRuntime(name, { state: 'crashed', reason, at: Date.now() }, { kind: 'start-failed', message: reason });
@@ -382,7 +384,7 @@ export class VmManager {
       this.setRuntime(name, { state: 'starting' });
       let inst: QemuInstance;
       try {
-        inst = await QemuInstance.launch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
+        inst = await freshLaunch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
       } catch (e) {
         this.setRuntime(name, { state: 'crashed', reason: (e as Error).message, at: Date.now() }, { kind: 'start-failed', message: (e as Error).message });
         throw e;
@@ -404,7 +406,9 @@ export class VmManager {
   private adopt(name: string, inst: QemuInstance): void {
     this.instances.set(name, inst);
     inst.once('exit', (info: ExitInfo) => {
-      if (this.instances.get(name) !== inst) return;
+      const cur = this.instances.get(name);
+      if (!cur || cur === inst) fs.rmSync(inst.paths.ramFile, { force: true }); // guest RAM
+      if (cur !== inst) return;
       this.instances.delete(name);
       if (!this.db.getVm(name)) return;
       if (info.expected || info.guestShutdown) {
@@ -545,6 +549,11 @@ export class VmManager {
       this.setRuntime(rec.spec.name, { state: 'crashed', reason, at: Date.now() }, { kind: 'crashed', message: reason });
       crashed.push(rec.spec.name);
     }
+    // Guest RAM of VMs whose QEMU is gone.
+    for (const c of crashed) {
+      const r = this.db.getVm(c);
+      if (r) fs.rmSync(this.paths(r.spec).ramFile, { force: true });
+    }
     return { reattached, crashed };
   }
 
@@ -563,4 +572,10 @@ function view(r: VmRecord): VmView {
 export function macFor(uuid: string, index: number): string {
   const h = crypto.createHash('sha256').update(`${uuid}/${index}`).digest();
   return ['52', '54', '00', h[0], h[1], h[2]].map((b) => (typeof b === 'number' ? b.toString(16).padStart(2, '0') : b)).join(':');
+}
+
+/** Launches QEMU on a fresh guest-RAM file (a stale one would show the guest old memory). */
+function freshLaunch(args: string[], p: VmPaths): Promise<QemuInstance> {
+  fs.rmSync(p.ramFile, { force: true });
+  return QemuInstance.launch(args, p);
 }

@@ -52,7 +52,7 @@ function summary(v: MigrationView): string {
     lines.push(`  total ${formatDuration(v.result.totalMs)}, guest paused ${v.result.pausedMs} ms (switchover to running on ${v.to})${v.result.qemuDowntimeMs !== undefined ? `, QEMU-reported downtime ${v.result.qemuDowntimeMs} ms` : ''}`);
   }
   const sw = v.result?.switchover;
-  if (sw) lines.push(`  switchover (ms after the pause): final disk delta ${formatBytes(sw.finalDiskBytes ?? 0)} read by ${sw.finalDiskReadMs}, continue ${sw.continuedMs}; destination: final received ${sw.destFinalMs}, disk verified ${sw.destDiskVerifiedMs}, RAM loaded ${sw.destRamCompletedMs}, running ${sw.destRunningMs}`);
+  if (sw) lines.push(`  switchover (ms after the pause): final disk delta ${formatBytes(sw.finalDiskBytes ?? 0)} read by ${sw.finalDiskReadMs}, continue ${sw.continuedMs}; destination: final received ${sw.destFinalMs}, disk verified ${sw.destDiskVerifiedMs}, RAM loaded ${sw.destRamCompletedMs}, RAM checked ${sw.destRamCheckedMs}${sw.ramRepairedMiB ? ` (${sw.ramRepairedMiB} MiB differed and were repaired from the source)` : ''}, running ${sw.destRunningMs}`);
   lines.push(`  disk: ${formatBytes(v.disk.sentBytes)} read and sent in ${v.disk.round + 1} round(s), ${formatBytes(v.disk.zeroBytes)} zeroes elided, ${formatBytes(v.disk.verifiedBytes)} verified, ${v.disk.mismatches} mismatch(es) re-sent`);
   if (v.verify) lines.push(`  verify (${v.verify.mode}): ${v.verify.groups} group hashes compared, ${v.verify.differing} differing re-sent`);
   if (v.ram) lines.push(`  ram: ${formatBytes(v.ram.streamBytes)} of QEMU stream`);

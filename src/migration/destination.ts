@@ -20,7 +20,7 @@ import { DiskReceiver } from './disk-dest.js';
 import type { DestPhase, Journal } from './journal.js';
 import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
-import { differingPages, guestPageHashes } from './ram-check.js';
+import { differingGroups, hashRam, RAM_GROUP, warmUp, writeGroup } from './ram-verify.js';
 import { connectToQemu, type RamSink } from './ram-pipe.js';
 
 export interface DestHost {
@@ -33,6 +33,8 @@ export interface DestHost {
   createIncoming(spec: VmSpec, from: string, cacheDir: string): Promise<{ inst: QemuInstance; bases: PreparedDisk['base'][]; spec: VmSpec }>;
   nbdSocket(spec: VmSpec): string;
   ramSocket(spec: VmSpec): string;
+  /** the guest-RAM file QEMU maps (cmdline.ts) */
+  ramFile(spec: VmSpec): string;
   activate(name: string, from: string): void;
   /** chunk indexes of the templates this VM's disks are based on (content this host holds) */
   chunkIndexes(spec: VmSpec): Promise<ChunkIndex[]>;
@@ -85,6 +87,8 @@ export class DestinationMigration {
   private ramBacklog: Buffer[] = [];
   private ramEnd: Extract<Control, { t: 'ram-end' }> | undefined;
   private indexes: ChunkIndex[] = [];
+  /** 1 MiB groups of guest RAM that QEMU's stream left different and that were repaired */
+  private ramRepairedGroups = 0;
   private finishing: Promise<void> | undefined;
   private spec: VmSpec;
   /** set when the source is known gone: finishing gives up unless QEMU already completed */
@@ -217,6 +221,7 @@ export class DestinationMigration {
       const sock = this.host.ramSocket(this.spec);
       await migrateIncoming(qmp, sock);
       this.ram = await connectToQemu(sock);
+      warmUp();
       for (const b of this.ramBacklog.splice(0)) this.ram.write(b);
       await this.peer.reply(m, { t: 'ram-ready' });
     } catch (e) {
@@ -224,8 +229,11 @@ export class DestinationMigration {
     }
   }
 
-  /** QEMU loaded exactly the bytes the source's QEMU wrote, or the VM must not run here. */
-  private async checkRamStream(qmp: QemuInstance['qmp']): Promise<void> {
+  /**
+   * QEMU loaded exactly the bytes the source's QEMU wrote, and its guest RAM equals the source's
+   * (repaired where it did not), or the VM must not run here.
+   */
+  private async checkRam(): Promise<void> {
     while (!this.ramEnd) {
       if (this.phase === 'aborted' || this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before it sent the RAM stream digest');
       await sleep(2);
@@ -235,13 +243,26 @@ export class DestinationMigration {
     if (got.bytes !== e.bytes || got.sha256 !== e.sha256) {
       throw new FerryError('VERIFY_FAILED', `the RAM stream differs: the source's QEMU wrote ${e.bytes} bytes (sha256 ${e.sha256.slice(0, 16)}…), this QEMU was fed ${got.bytes} (${got.sha256.slice(0, 16)}…)`);
     }
-    if (e.mem) {
-      const mine = await guestPageHashes(qmp, this.spec.memoryMiB * 2 ** 20, path.dirname(this.host.ramSocket(this.spec)), 'dst');
-      const diff = differingPages(e.mem, mine);
-      const line = `ferry: FERRY_DEBUG_RAMCMP migration ${this.id}: ${diff.length} guest page(s) differ${diff.length ? ': ' + diff.slice(0, 64).map((a) => '0x' + a.toString(16)).join(' ') : ''}`;
-      console.error(line);
-      fs.appendFileSync('/tmp/ferry-ramcmp.log', `${new Date().toISOString()} ${line}\n`);
+    if (!e.groups) return; // the source's guest RAM is not file-backed: nothing to compare
+    const file = this.host.ramFile(this.spec);
+    const want = Buffer.from(e.groups, 'base64');
+    const bytes = this.spec.memoryMiB * 2 ** 20;
+    // Fault injection for the repair test: FERRY_FAULT=corrupt-ram scribbles over 3 MiB of the
+    // loaded guest's RAM (as a stale pre-copy would leave it) before the check.
+    if (process.env.FERRY_FAULT === 'corrupt-ram') for (const g of [1, 7, Math.floor(this.spec.memoryMiB / 2)]) writeGroup(file, g, Buffer.alloc(RAM_GROUP, 0xa5));
+    const diff = differingGroups(want, await hashRam(file, bytes));
+    this.ramRepairedGroups = diff.length;
+    if (!diff.length) return;
+    // QEMU's pre-copy left these groups different although its stream arrived intact: take the
+    // source's (both guests are paused), write them into this guest's RAM, and check again.
+    for (let i = 0; i < diff.length; i += 16) {
+      const batch = diff.slice(i, i + 16);
+      const r = await this.peer.request<Extract<Control, { t: 'ram-fixed' }>>({ t: 'ram-fix', groups: batch }, 120_000);
+      batch.forEach((g, k) => writeGroup(file, g, Buffer.from(r.data[k] ?? '', 'base64')));
     }
+    const again = differingGroups(want, await hashRam(file, bytes));
+    console.error(`ferry: migration ${this.id}: guest RAM differed from the source's in ${diff.length} MiB after QEMU loaded the stream; ${again.length ? `${again.length} still differ` : 'repaired from the source'}`);
+    if (again.length) throw new FerryError('VERIFY_FAILED', `guest RAM differs from the source's in ${again.length} MiB even after repair (first at ${again[0]! * RAM_GROUP})`);
   }
 
   /** FINAL barrier n: the guest is paused at the source. Verify, wait for RAM, run. */
@@ -273,8 +294,9 @@ export class DestinationMigration {
         await sleep(10);
       }
       t.ramCompletedAt = Date.now();
-      await this.checkRamStream(qmp);
+      await this.checkRam();
       t.ramCheckedAt = Date.now();
+      t.ramRepairedMiB = this.ramRepairedGroups;
       // Integrity bookkeeping for the benchmark: what the guest writes from now on.
       for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
       this.journal('running');

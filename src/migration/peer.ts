@@ -87,7 +87,7 @@ export class Peer extends EventEmitter {
   }
 }
 
-const REPLIES = new Set(['begin-ok', 'prepared', 'hashes', 'ram-ready', 'state', 'error']);
+const REPLIES = new Set(['begin-ok', 'prepared', 'hashes', 'ram-ready', 'ram-fixed', 'state', 'error']);
 function isReply(m: Control): m is Req {
   return REPLIES.has(m.t);
 }

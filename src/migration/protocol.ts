@@ -36,9 +36,12 @@
 //              flows on RAM; disk rounds continue
 //   switchover QEMU paused at pre-switchover: S sends the final disk round + FINAL barrier, then
 //              migrate-continue. When S's QEMU closed its stream, S sends `ram-end` {bytes,
-//              sha256} of every RAM-stream byte it read. D flushes/verifies the disks, waits for
-//              QEMU `completed` and checks that it fed QEMU exactly those bytes (same count and
-//              SHA-256), journals `running`, `cont`, announces, and sends `running` (or `failed`)
+//              sha256, groups}: the count and SHA-256 of every RAM-stream byte it read, and the
+//              SHA-256 of each 1 MiB of guest RAM (hashed while the guest is paused). D flushes/
+//              verifies the disks, waits for QEMU `completed`, checks that it fed QEMU exactly
+//              those bytes, hashes its guest RAM, asks `ram-fix` {groups} for any group that
+//              differs (S answers `ram-fixed` {data}) and writes them, journals `running`, `cont`,
+//              announces, and sends `running` (or `failed`)
 //   confirm    S quits its QEMU and deletes the source copy, then sends `confirm`; D → done
 //   query      after a crash, S asks `query` {id} on a new session; D answers `state` {phase}
 import { FerryError } from '../errors.js';
@@ -128,8 +131,11 @@ export type Control =
   | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean }; params: Record<string, number> }
   | { t: 'ram-ready'; rid: number }
   | { t: 'final'; n: number }
-  /** mem: FERRY_DEBUG_RAMCMP only, 8-byte hashes of each 4 KiB guest page (base64) */
-  | { t: 'ram-end'; bytes: number; sha256: string; mem?: string }
+  /** groups: base64 of the SHA-256 of each 1 MiB of guest RAM (absent: RAM not file-backed) */
+  | { t: 'ram-end'; bytes: number; sha256: string; groups?: string }
+  | { t: 'ram-fix'; rid: number; groups: number[] }
+  /** data: base64 of each requested group, in order */
+  | { t: 'ram-fixed'; rid: number; data: string[] }
   | { t: 'running'; at: number; timings: Record<string, number> }
   | { t: 'failed'; reason: string }
   | { t: 'confirm'; id?: string }

@@ -3,6 +3,12 @@
 // to (`migrate unix:…`) and forwards every byte on the RAM channel, reading from QEMU only as
 // fast as the transport accepts (so QEMU sees the real drain rate). The destination agent
 // connects to its QEMU's `migrate-incoming unix:…` socket and writes the channel's bytes into it.
+//
+// The source reads QEMU's stream as it comes and spools what the transport has not taken yet
+// (bounded: QEMU's max-bandwidth is paced by this backlog plus the transport's queue). QEMU's
+// migration thread must not sit blocked in write() on a full socket: under TCG, QEMU 7.2's RAM
+// pre-copy diverged (guest pages stale at the destination, the stream itself intact) after its
+// thread was held that way through a link outage — see docs/benchmarks.md.
 // The stream gets the transport's compression, multi-stream striping and resumption for free.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -13,12 +19,16 @@ import { CH } from './protocol.js';
 export interface RamSource {
   /** bytes read from QEMU and handed to the transport */
   bytes(): number;
+  /** bytes read from QEMU that the transport has not taken yet */
+  backlog(): number;
   /** SHA-256 (hex) of every byte handed to the transport; final once `ended` resolved */
   digest(): string;
   /** resolves when QEMU closed the stream and every byte was queued */
   ended: Promise<void>;
   close(): void;
 }
+
+const SPOOL_MAX = 256 * 2 ** 20;
 
 export async function listenForQemu(sockPath: string, session: Session): Promise<RamSource> {
   fs.rmSync(sockPath, { force: true });
@@ -27,31 +37,53 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
   let digest = '';
   let endResolve!: () => void;
   const ended = new Promise<void>((r) => (endResolve = r));
-  let chain = Promise.resolve();
+  const spool: Buffer[] = [];
+  let backlog = 0;
+  let closed = false;
+  let pumping = false;
   let conn: net.Socket | undefined;
+  const finish = () => {
+    digest = hash.digest('hex');
+    endResolve();
+  };
+  // Hands the spool to the transport in order; one pump at a time.
+  const pump = async () => {
+    if (pumping) return;
+    pumping = true;
+    try {
+      while (spool.length) {
+        const d = spool[0]!;
+        await session.send(CH.RAM, d);
+        spool.shift();
+        backlog -= d.length;
+        bytes += d.length;
+        if (conn?.isPaused() && backlog < SPOOL_MAX / 2) conn.resume();
+      }
+    } catch {
+      conn?.destroy();
+      spool.length = 0;
+      backlog = 0;
+      return;
+    } finally {
+      pumping = false;
+    }
+    if (closed) finish();
+  };
   const server = net.createServer((c) => {
     if (conn) return c.destroy(); // one stream per migration
     conn = c;
     c.on('data', (d: Buffer) => {
-      c.pause();
-      chain = chain.then(async () => {
-        try {
-          hash.update(d);
-          await session.send(CH.RAM, d);
-          bytes += d.length;
-        } catch {
-          c.destroy();
-          return;
-        }
-        c.resume();
-      });
+      hash.update(d);
+      spool.push(d);
+      backlog += d.length;
+      if (backlog > SPOOL_MAX) c.pause(); // a last resort; pacing keeps the backlog far below
+      void pump();
     });
-    c.on('close', () =>
-      void chain.then(() => {
-        digest = hash.digest('hex');
-        endResolve();
-      }),
-    );
+    c.on('close', () => {
+      closed = true;
+      if (!pumping && spool.length === 0) finish();
+      else void pump();
+    });
     c.on('error', () => {});
   });
   await new Promise<void>((resolve, reject) => {
@@ -60,6 +92,7 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
   });
   return {
     bytes: () => bytes,
+    backlog: () => backlog,
     digest: () => digest,
     ended,
     close: () => {

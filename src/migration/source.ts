@@ -14,7 +14,7 @@
 // (`failed`, or `aborted` in answer to a query); if the destination cannot be asked, the VM
 // stays paused here and the question is repeated: never on two hosts at once.
 import crypto from 'node:crypto';
-import path from 'node:path';
+import fs from 'node:fs';
 import { FerryError } from '../errors.js';
 import { ioThrottle, migrateCancel, migrateContinue, migrateTo, queryMigrate, ramCapabilities, ramParameters, runState, cont, type RamStatus } from '../qemu/migration-ops.js';
 import type { QemuInstance } from '../qemu/instance.js';
@@ -27,7 +27,7 @@ import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
-import { guestPageHashes, ramCompareEnabled } from './ram-check.js';
+import { hashRam, readGroup, warmUp } from './ram-verify.js';
 import { listenForQemu, type RamSource } from './ram-pipe.js';
 
 export interface MigrateOptions {
@@ -55,6 +55,8 @@ export interface SourceHost {
   allocatedBytes(spec: VmSpec): number[];
   nbdSocket(spec: VmSpec): string;
   ramSocket(spec: VmSpec): string;
+  /** the guest-RAM file QEMU maps (cmdline.ts) */
+  ramFile(spec: VmSpec): string;
   reserve(name: string): void;
   release(name: string): void;
   migratedAway(name: string, to: string, keep: boolean): Promise<void>;
@@ -154,6 +156,17 @@ export class SourceMigration {
     // The destination may give up at any time (its QEMU died, its disk is full): stop at once.
     this.peer.on('control', (m: Control) => {
       if (m.t === 'failed' && !['switchover', 'confirm'].includes(this.view.phase)) this.cancel(`destination failed: ${m.reason}`, 'MIGRATION_FAILED');
+      // The destination found guest RAM groups that QEMU's stream left different: send ours.
+      if (m.t === 'ram-fix') {
+        const file = this.host.ramFile(spec);
+        void (async () => {
+          try {
+            await this.peer!.reply(m, { t: 'ram-fixed', data: m.groups.map((g) => readGroup(file, g).toString('base64')) });
+          } catch (e) {
+            await this.peer!.replyError(m, e).catch(() => {});
+          }
+        })();
+      }
     });
     const allocated = this.host.allocatedBytes(spec);
     const begin = await this.peer.request<Extract<Control, { t: 'begin-ok' }>>({ t: 'begin', id: this.id, spec: { ...spec, disks: spec.disks.map((d, i) => ({ ...d, allocatedBytes: allocated[i] ?? d.sizeBytes })) } as VmSpec, from: this.host.hostName, qemuVersion: this.host.qemuVersion, machine: 'pc' }, 60_000);
@@ -190,12 +203,10 @@ export class SourceMigration {
 
     // ── Perform: RAM ──
     this.phase('ram');
-    // Known issue (docs/benchmarks.md): a link outage that stalled QEMU's RAM stream has, once in
-    // three runs, left the destination guest corrupted although every byte arrived in order.
-    // Until that is understood, a stall during the RAM copy rolls back instead: the VM keeps
-    // running here, the destination keeps its disks, and a retry sends only what changed.
-    const onStall = () => this.cancel('the link went down during the RAM copy; rolled back (a retry sends only what changed)', 'MIGRATION_FAILED');
-    this.session.on('stall', onStall);
+    // A link outage stalls the RAM copy like the disk copy: QEMU keeps iterating into the spool
+    // (ram-pipe.ts) at a paced rate, and the stream resumes when the link does. Guest RAM is
+    // compared (and repaired) end to end at the switchover, which QEMU 7.2 under TCG needs
+    // (docs/benchmarks.md, "Known issue").
     const ramSock = this.host.ramSocket(spec);
     this.ramSrc = await listenForQemu(ramSock, this.session);
     const caps = { xbzrle: this.o.xbzrle, autoConverge: true };
@@ -203,6 +214,7 @@ export class SourceMigration {
     await ramCapabilities(qmp, caps);
     await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': 2 ** Math.floor(Math.log2(Math.min(256, Math.max(16, spec.memoryMiB / 4)))) * 2 ** 20 } : {}) });
     await this.peer.request({ t: 'ram-start', caps, params: {} }, 60_000);
+    warmUp(); // the RAM check at the switchover must not wait for its threads to start
     await migrateTo(qmp, ramSock);
     const ramT0 = Date.now();
     let stopDisk = false;
@@ -244,7 +256,7 @@ export class SourceMigration {
         this.check();
         if (Date.now() - lastPace > 250) {
           lastPace = Date.now();
-          const next = paceRam(bandwidth, this.session.unackedPayload, queueTarget({ window: this.session.window(), drainBytesPerSec: Math.max(this.linkRate, this.session.drainRate()), rttMs: this.session.stats.minRttMs }));
+          const next = paceRam(bandwidth, this.session.unackedPayload + this.ramSrc.backlog(), queueTarget({ window: this.session.window(), drainBytesPerSec: Math.max(this.linkRate, this.session.drainRate()), rttMs: this.session.stats.minRttMs }));
           if (Math.abs(next - bandwidth) > bandwidth * 0.1) await ramParameters(qmp, { 'max-bandwidth': (bandwidth = next) });
         }
         if (Date.now() - lastParams > 1000) {
@@ -263,13 +275,16 @@ export class SourceMigration {
       qmp.off('event', onEvent);
     }
 
-    this.session.off('stall', onStall);
     // ── Switchover (the guest is paused by QEMU) ──
     if (!pausedAt) pausedAt = Date.now();
     stopDisk = true;
     const timings: Record<string, number> = { pausedAt, detectedAt: Date.now() };
     this.phase('switchover');
     timings.journaledAt = Date.now();
+    // Guest RAM no longer changes: hash it now, on worker threads, while the final round runs.
+    const ramFile = this.host.ramFile(spec);
+    const ramHashes = fs.existsSync(ramFile) ? hashRam(ramFile, spec.memoryMiB * 2 ** 20) : Promise.resolve(undefined);
+    ramHashes.catch(() => {});
     this.view.atSwitchover = this.host.guestStats(this.vmName);
     await diskLoop;
     timings.diskLoopDoneAt = Date.now();
@@ -284,8 +299,9 @@ export class SourceMigration {
     const ramSrc = this.ramSrc!;
     await Promise.race([ramSrc.ended, outcome]);
     if (ramSrc.digest()) {
-      const mem = ramCompareEnabled() ? await guestPageHashes(qmp, spec.memoryMiB * 2 ** 20, path.dirname(ramSock), 'src') : undefined;
-      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(mem ? { mem } : {}) });
+      const groups = await ramHashes.catch(() => undefined);
+      timings.ramHashedAt = Date.now();
+      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64') } : {}) });
     }
     const answer = await outcome;
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
@@ -301,7 +317,7 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});

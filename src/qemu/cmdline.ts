@@ -13,6 +13,11 @@ export interface VmPaths {
   serialLog: string;
   qemuLog: string;
   pidFile: string;
+  /**
+   * Guest RAM, a shared file in /dev/shm: QEMU maps it, and the agent can read and write guest
+   * memory while the VM is paused (a migration checks RAM end to end before the switchover).
+   */
+  ramFile: string;
 }
 
 export interface LaunchExtras {
@@ -31,7 +36,8 @@ export function qemuArgs(spec: VmSpec, paths: VmPaths, accel: Accel, extras: Lau
     '-name', `${spec.name},debug-threads=on`,
     '-uuid', spec.uuid,
     '-accel', accel,
-    '-machine', 'pc',
+    '-machine', 'pc,memory-backend=pc.ram',
+    '-object', `memory-backend-file,id=pc.ram,size=${spec.memoryMiB}M,mem-path=${paths.ramFile},share=on`,
     '-cpu', accel === 'kvm' ? 'host' : 'qemu64',
     '-m', String(spec.memoryMiB),
     '-smp', String(spec.vcpus),

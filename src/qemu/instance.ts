@@ -59,7 +59,7 @@ export class QemuInstance extends EventEmitter {
     readonly pid: number,
     readonly qmp: QmpClient,
     readonly serial: SerialReader,
-    private readonly paths: VmPaths,
+    readonly paths: VmPaths,
   ) {
     super();
     qmp.on('event', (ev: QmpEvent) => {

@@ -49,11 +49,11 @@ describe('kernel command line', () => {
 });
 
 describe('qemuArgs', () => {
-  const paths = { dir: '/d/vms/web-1', qmpSocket: '/d/run/1111.qmp', serialSocket: '/d/run/1111.serial', serialLog: '/d/vms/web-1/serial.log', qemuLog: '/d/q.log', pidFile: '/d/run/1111.pid' };
+  const paths = { dir: '/d/vms/web-1', qmpSocket: '/d/run/1111.qmp', serialSocket: '/d/run/1111.serial', serialLog: '/d/vms/web-1/serial.log', qemuLog: '/d/q.log', pidFile: '/d/run/1111.pid', ramFile: '/dev/shm/ferry-x-1111.ram' };
   const a = qemuArgs(spec, paths, 'tcg', { startPaused: true });
   const joined = a.join(' ');
   it('uses the verified launch shape', () => {
-    expect(joined).toContain('-accel tcg -machine pc -cpu qemu64 -m 512 -smp 2 -display none -nodefaults -no-user-config');
+    expect(joined).toContain('-accel tcg -machine pc,memory-backend=pc.ram -object memory-backend-file,id=pc.ram,size=512M,mem-path=/dev/shm/ferry-x-1111.ram,share=on -cpu qemu64 -m 512 -smp 2 -display none -nodefaults -no-user-config');
     expect(joined).toContain('-uuid 11111111-2222-3333-4444-555555555555');
     expect(joined).toContain('-qmp unix:/d/run/1111.qmp,server=on,wait=off');
     expect(joined).toContain('socket,id=ser0,path=/d/run/1111.serial,server=on,wait=off,logfile=/d/vms/web-1/serial.log,logappend=on');
@@ -68,7 +68,8 @@ describe('qemuArgs', () => {
   });
   it('uses -cpu host under KVM and -incoming defer for a migration destination', () => {
     const k = qemuArgs(spec, paths, 'kvm', { incoming: true }).join(' ');
-    expect(k).toContain('-accel kvm -machine pc -cpu host');
+    expect(k).toContain('-accel kvm -machine pc,memory-backend=pc.ram');
+    expect(k).toContain('-cpu host');
     expect(k).toContain('-incoming defer');
   });
 });

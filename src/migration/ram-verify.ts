@@ -1,0 +1,86 @@
+// Why this file exists: checking guest RAM end to end at the switchover, and repairing it.
+// QEMU 7.2's RAM pre-copy under TCG has left guest pages stale at the destination although its
+// stream arrived intact (docs/benchmarks.md, "Known issue"). Guest RAM is a shared file
+// (cmdline.ts), so with both guests paused the agents compare it in 1 MiB groups (SHA-256): the
+// source hashes its RAM the moment QEMU pauses the guest (it no longer changes), the destination
+// once QEMU has loaded the stream. The destination asks for every group that differs, writes it
+// into its guest's RAM, and checks again; only then does the VM run there.
+import fs from 'node:fs';
+import { Worker } from 'node:worker_threads';
+
+export const RAM_GROUP = 1 << 20;
+
+/** Two hashing threads, started once and kept (unref'd) so a switchover never waits for one. */
+let pool: Worker[] | undefined;
+let nextId = 1;
+const waiting = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
+
+function workers(): Worker[] {
+  if (!pool) {
+    pool = Array.from({ length: 2 }, () => {
+      const w = new Worker(new URL('./ram-hash-worker.js', import.meta.url));
+      w.on('message', (m: { id: number; hashes?: Uint8Array; error?: string }) => {
+        const p = waiting.get(m.id);
+        waiting.delete(m.id);
+        if (m.hashes) p?.resolve(Buffer.from(m.hashes.buffer, m.hashes.byteOffset, m.hashes.byteLength));
+        else p?.reject(new Error(`hashing guest RAM: ${m.error}`));
+      });
+      w.on('error', () => (pool = undefined));
+      w.unref();
+      return w;
+    });
+  }
+  return pool;
+}
+
+/** Starts the hashing threads ahead of need (a migration's RAM phase calls this). */
+export function warmUp(): void {
+  workers();
+}
+
+/** SHA-256 of every 1 MiB group of guest RAM [0, bytes), concatenated. */
+export async function hashRam(file: string, bytes: number): Promise<Buffer> {
+  const groups = Math.ceil(bytes / RAM_GROUP);
+  const ws = workers();
+  const per = Math.ceil(groups / ws.length);
+  const parts = await Promise.all(
+    ws.map((w, i) => {
+      const from = Math.min(groups, i * per);
+      const to = Math.min(groups, from + per);
+      if (from >= to) return Promise.resolve(Buffer.alloc(0));
+      const id = nextId++;
+      return new Promise<Buffer>((resolve, reject) => {
+        waiting.set(id, { resolve, reject });
+        w.postMessage({ id, file, from, to });
+      });
+    }),
+  );
+  return Buffer.concat(parts);
+}
+
+/** Indexes of groups whose hashes differ. */
+export function differingGroups(a: Buffer, b: Buffer): number[] {
+  const out: number[] = [];
+  for (let i = 0; i < Math.max(a.length, b.length); i += 32) if (a.compare(b, i, i + 32, i, i + 32) !== 0) out.push(i / 32);
+  return out;
+}
+
+export function readGroup(file: string, g: number): Buffer {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(RAM_GROUP);
+    const n = fs.readSync(fd, b, 0, RAM_GROUP, g * RAM_GROUP);
+    return b.subarray(0, n);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export function writeGroup(file: string, g: number, data: Buffer): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.writeSync(fd, data, 0, data.length, g * RAM_GROUP);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
