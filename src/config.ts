@@ -1,6 +1,7 @@
 // Why this file exists: where things live on a host, and the agent's config file. Defaults are
 // what an operator expects of a system daemon; every one can be overridden by flag or env so the
 // tests and the WAN lab can run several agents side by side on one machine.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -67,4 +68,24 @@ export function insideDataDir(dataDir: string, p: string): string {
     throw new FerryError('PATH_OUTSIDE_DATA_DIR', `${p} is outside the agent's data directory ${dataDir}`);
   }
   return abs;
+}
+
+/**
+ * Guest RAM files of an agent's VMs are `<prefix><uuid8>.ram` in /dev/shm (shared by every agent
+ * on the machine, so named by data dir). Whoever kills an agent's QEMUs outright (lab teardown,
+ * the test harness) removes them with `removeRamFiles`.
+ */
+export function ramFilePrefix(dataDir: string): string {
+  return `/dev/shm/ferry-${crypto.createHash('sha256').update(path.resolve(dataDir)).digest('hex').slice(0, 8)}-`;
+}
+
+export function removeRamFiles(dataDir: string): void {
+  const prefix = ramFilePrefix(dataDir);
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(path.dirname(prefix));
+  } catch {
+    return;
+  }
+  for (const n of names) if (`/dev/shm/${n}`.startsWith(prefix)) fs.rmSync(`/dev/shm/${n}`, { force: true });
 }

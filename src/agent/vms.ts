@@ -9,7 +9,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { files, insideDataDir } from '../config.js';
+import { files, insideDataDir, ramFilePrefix } from '../config.js';
 import { FerryError } from '../errors.js';
 import { readImage } from '../image/catalog.js';
 import type { Accel } from '../qemu/accel.js';
@@ -67,7 +67,7 @@ export class VmManager {
       serialLog: path.join(dir, 'serial.log'),
       qemuLog: path.join(dir, 'qemu.log'),
       // /dev/shm is shared by every agent on the machine (the lab runs several): name by data dir.
-      ramFile: `/dev/shm/ferry-${crypto.createHash('sha256').update(this.dataDir).digest('hex').slice(0, 8)}-${spec.uuid.slice(0, 8)}.ram`,
+      ramFile: `${ramFilePrefix(this.dataDir)}${spec.uuid.slice(0, 8)}.ram`,
     };
   }
 

@@ -15,7 +15,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { DEFAULT_IMAGES_DIR, distDir } from '../config.js';
+import { DEFAULT_IMAGES_DIR, distDir, removeRamFiles } from '../config.js';
 import { FerryError } from '../errors.js';
 import { initAgent, readToken } from '../agent/identity.js';
 import { TRANSPORT_PORT } from '../migration/protocol.js';
@@ -281,6 +281,7 @@ export async function labDown(name: string, o: { force?: boolean; keepData?: boo
   for (const ns of [...lab.hosts.map((h) => h.netns), lab.wanNetns]) await runAllowFail('ip', ['netns', 'del', ns]);
   // The kernel may keep a deleted namespace alive (sockets still draining); cut its veths now.
   for (const h of lab.hosts) await runAllowFail('ip', ['link', 'del', rootVeth(lab.name, h.index)]);
+  for (const h of lab.hosts) removeRamFiles(h.dataDir); // its QEMUs were killed outright
   if (!o.keepData) fs.rmSync(path.join(DATA_ROOT, lab.name), { recursive: true, force: true });
   fs.rmSync(runDir(lab.name), { recursive: true, force: true });
 }

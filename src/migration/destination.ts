@@ -255,11 +255,16 @@ export class DestinationMigration {
     if (!diff.length) return;
     // QEMU's pre-copy left these groups different although its stream arrived intact: take the
     // source's (both guests are paused), write them into this guest's RAM, and check again.
-    for (let i = 0; i < diff.length; i += 16) {
-      const batch = diff.slice(i, i + 16);
-      const r = await this.peer.request<Extract<Control, { t: 'ram-fixed' }>>({ t: 'ram-fix', groups: batch }, 120_000);
-      batch.forEach((g, k) => writeGroup(file, g, Buffer.from(r.data[k] ?? '', 'base64')));
-    }
+    // One group per request (a control message must fit one 2 MiB frame), 8 in flight.
+    const queue = [...diff];
+    await Promise.all(
+      Array.from({ length: Math.min(8, queue.length) }, async () => {
+        for (let g = queue.shift(); g !== undefined; g = queue.shift()) {
+          const r = await this.peer.request<Extract<Control, { t: 'ram-fixed' }>>({ t: 'ram-fix', groups: [g] }, 120_000);
+          writeGroup(file, g, Buffer.from(r.data[0] ?? '', 'base64'));
+        }
+      }),
+    );
     const again = differingGroups(want, await hashRam(file, bytes));
     console.error(`ferry: migration ${this.id}: guest RAM differed from the source's in ${diff.length} MiB after QEMU loaded the stream; ${again.length ? `${again.length} still differ` : 'repaired from the source'}`);
     if (again.length) throw new FerryError('VERIFY_FAILED', `guest RAM differs from the source's in ${again.length} MiB even after repair (first at ${again[0]! * RAM_GROUP})`);

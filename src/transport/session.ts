@@ -9,7 +9,7 @@
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import { FerryError } from '../errors.js';
-import { Decoder, encode, FrameType, PRIORITY, type Frame } from './protocol.js';
+import { Decoder, encode, FrameType, MAX_PAYLOAD, PRIORITY, type Frame } from './protocol.js';
 import { ContentCache, expand, reduce, type ReduceOptions } from './reduce.js';
 import { TokenBucket } from './limiter.js';
 
@@ -152,6 +152,9 @@ export class Session extends EventEmitter {
   /** Queues one message; resolves once it is inside the window (backpressure). */
   async send(channel: number, msg: Buffer): Promise<void> {
     if (this.state === 'closed') throw new FerryError('TRANSPORT_CLOSED', 'transport session is closed');
+    // One message is one frame: refuse it here, before it takes a sequence number the peer would
+    // wait for forever.
+    if (msg.length > MAX_PAYLOAD) throw new FerryError('INVALID_ARGUMENT', `a transport message is at most ${MAX_PAYLOAD} bytes; this one is ${msg.length}`);
     while (this.unackedBytes > 0 && this.unackedBytes + msg.length > this.window()) {
       await new Promise<void>((r) => this.windowWaiters.push(r));
       if (this.isClosed()) throw new FerryError('TRANSPORT_CLOSED', 'transport session closed while sending');

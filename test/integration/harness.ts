@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { AgentClient } from '../../src/cli/client.js';
-import { DEFAULT_IMAGES_DIR, GUEST_IMAGE } from '../../src/config.js';
+import { DEFAULT_IMAGES_DIR, GUEST_IMAGE, removeRamFiles } from '../../src/config.js';
 import { readImage, type ResolvedImage } from '../../src/image/catalog.js';
 import { waitFor as utilWaitFor } from '../../src/util/wait.js';
 
@@ -116,6 +116,7 @@ export class TestAgent {
     } finally {
       await this.stop('SIGTERM');
       spawnSync('pkill', ['-9', '-f', `${this.dataDir}/run/`]);
+      removeRamFiles(this.dataDir);
       fs.rmSync(this.dataDir, { recursive: true, force: true });
     }
   }

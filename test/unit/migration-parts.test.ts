@@ -151,13 +151,26 @@ describe('destination disk receiver', () => {
   });
 });
 
-describe('RAM comparison (FERRY_DEBUG_RAMCMP)', () => {
-  it('names the guest-physical address of every page whose hash differs', async () => {
-    const { differingPages } = await import('../../src/migration/ram-check.js');
-    const a = Buffer.alloc(8 * 4);
-    const b = Buffer.from(a);
-    b[8 * 2] = 1;
-    expect(differingPages(a.toString('base64'), b.toString('base64'))).toEqual([2 * 4096]);
-    expect(differingPages(a.toString('base64'), a.toString('base64'))).toEqual([]);
+describe('guest RAM check', () => {
+  it('hashes guest RAM per MiB on worker threads, finds the groups that differ, and repairs them', async () => {
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { differingGroups, hashRam, readGroup, writeGroup, RAM_GROUP } = await import('../../src/migration/ram-verify.js');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ram-'));
+    const a = path.join(dir, 'a.ram');
+    const b = path.join(dir, 'b.ram');
+    const mem = Buffer.alloc(8 * RAM_GROUP);
+    crypto.randomFillSync(mem, 2 * RAM_GROUP, RAM_GROUP); // one group of data, the rest zero
+    fs.writeFileSync(a, mem);
+    mem[5 * RAM_GROUP + 17] = 1;
+    mem[2 * RAM_GROUP] ^= 0xff;
+    fs.writeFileSync(b, mem);
+    const ha = await hashRam(a, 8 * RAM_GROUP);
+    expect(ha.length).toBe(8 * 32);
+    expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([2, 5]);
+    for (const g of [2, 5]) writeGroup(b, g, readGroup(a, g));
+    expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([]);
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 });

@@ -297,3 +297,14 @@ describe('transport session', () => {
     });
   });
 });
+
+describe('message size', () => {
+  it('refuses a message larger than one frame at send(), and the channel keeps flowing', async () => {
+    const { client, server } = await pair({ streams: 1 });
+    const got = collect(server);
+    await expect(client.send(1, Buffer.alloc(2 * 1024 * 1024 + 1, 7))).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    await client.send(1, Buffer.from('after'));
+    for (let i = 0; i < 100 && got.msgs.length < 1; i++) await new Promise((r) => setTimeout(r, 20));
+    expect(got.msgs.map((m) => m.toString())).toEqual(['after']);
+  });
+});
