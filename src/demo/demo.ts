@@ -79,7 +79,8 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
     report.guestGapMs = Math.max(across, v.final!.maxGapMs, after.maxGapMs);
     say(`   total ${formatDuration(v.result!.totalMs)}; the guest saw at most ${formatDuration(report.guestGapMs as number)} between heartbeats (across the switch ${formatDuration(across)}); QEMU paused it ${v.result!.pausedMs} ms`);
     say(`   on the wire ${(v.wire.sentBytes / 2 ** 20).toFixed(1)} MiB for ${(v.disk.sentBytes / 2 ** 20).toFixed(1)} MiB of disk blocks and ${((v.ram?.streamBytes ?? 0) / 2 ** 20).toFixed(1)} MiB of QEMU RAM stream; ${v.wire.resentFrames} frames re-sent`);
-    say(`   verified before the switchover: every block written read back and hash-checked; ${v.verify?.groups ?? 0} whole-disk group hashes compared`);
+    const repaired = v.result?.switchover?.ramRepairedMiB ?? 0;
+    say(`   verified before the switchover: every block written read back and hash-checked; ${v.verify?.groups ?? 0} whole-disk group hashes compared; guest RAM compared MiB by MiB with both guests paused${repaired ? ` (${repaired} MiB that QEMU left stale were repaired from the source)` : ' (identical)'}`);
 
     say('-- step 7: every durable record, checked inside the guest on h2 (typed on its serial console)');
     const upto = v.atSwitchover!.lastDurableSeq;
