@@ -1,7 +1,7 @@
 // Why this file exists: external snapshots of a VM, as a tree. Taking snapshot S freezes each
 // disk's current image (it becomes S's read-only point in time) and moves the VM onto a new
 // overlay backed by it — live, in one QMP transaction across disks. With --memory, RAM and device
-// state are saved too, pre-copied while the guest runs, so the pause is the last delta only.
+// state are saved too, with the guest paused while they are written (see snapshot-ops.ts for why).
 //
 //   template ← [S1 images] ← [S2 images] ← active overlays (the VM now; current = S2)
 //                        ↖ [S3 images]  (a branch: S3 was taken after reverting to S1)

@@ -56,9 +56,11 @@ export async function streamInto(qmp: QmpClient, node: string, baseFile: string 
 }
 
 /**
- * Saves RAM and device state to `file` while the guest runs (pre-copy into a local socket); at
- * the end the guest is paused, `atPause` runs (the disk snapshot: same instant), and the guest
- * resumes. Returns the pause in ms.
+ * Saves RAM and device state to `file` through the migration stream (a local socket), with the
+ * guest paused throughout: a live pre-copy would be shorter, but QEMU 7.2's pre-copy under TCG
+ * can leave pages stale (docs/benchmarks.md), and a stopped guest's pages are all sent once,
+ * with no dirty tracking involved. At the end `atPause` runs (the disk snapshot: same instant)
+ * and the guest resumes. Returns the pause in ms.
  */
 export async function saveState(qmp: QmpClient, sock: string, file: string, atPause: () => Promise<void>): Promise<{ pauseMs: number; bytes: number }> {
   fs.rmSync(sock, { force: true });
@@ -82,6 +84,8 @@ export async function saveState(qmp: QmpClient, sock: string, file: string, atPa
   await new Promise<void>((r, j) => server.once('error', j).listen(sock, r));
   let pausedAt = 0;
   try {
+    pausedAt = Date.now();
+    await qmp.execute('stop');
     await qmp.execute('migrate-set-capabilities', { capabilities: ['pause-before-switchover', 'events'].map((capability) => ({ capability, state: true })) });
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1 << 30, 'downtime-limit': 100 });
     await migrateTo(qmp, sock);
@@ -91,7 +95,6 @@ export async function saveState(qmp: QmpClient, sock: string, file: string, atPa
       if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `saving the VM state failed: ${st.error ?? st.status}`);
       await sleep(5);
     }
-    pausedAt = Date.now();
     await atPause();
     await migrateContinue(qmp);
     for (;;) {
