@@ -92,9 +92,13 @@ export function paceRam(current: number, queueBytes: number, targetBytes: number
  * The queue the pacing aims at: half the transport window. Measured on wan-10: a target of two
  * bandwidth-delay products (256 KiB floor) left the link 50 % idle during the RAM copy (185 s
  * instead of 143 s) and the guest converged only under CPU throttling; one BDP with a 64 KiB
- * floor never converged at all. What is queued when QEMU pauses the guest adds to the pause,
- * so the switchover's other costs are kept to a few ms instead.
+ * floor never converged at all. What is queued when QEMU pauses the guest adds to the pause
+ * (half a 1 MiB window is 400 ms at 10 Mbit/s), so near the switchover — QEMU's remaining RAM
+ * within four times what it may send in its downtime limit — the target drops to one BDP.
  */
-export function queueTarget(o: { window: number; drainBytesPerSec: number; rttMs: number }): number {
+export function queueTarget(o: { window: number; drainBytesPerSec: number; rttMs: number; nearSwitchover?: boolean }): number {
+  // In the last approach to the switchover, whatever is queued when QEMU pauses the guest is
+  // pause: keep one bandwidth-delay product (64 KiB floor), just enough to keep the link busy.
+  if (o.nearSwitchover) return Math.max(64 * 1024, (o.drainBytesPerSec * o.rttMs) / 1000);
   return 0.5 * o.window;
 }
