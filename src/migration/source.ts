@@ -256,8 +256,7 @@ export class SourceMigration {
         this.check();
         if (Date.now() - lastPace > 250) {
           lastPace = Date.now();
-          const nearSwitchover = st.remaining <= 4 * bandwidth * ((this.decision?.downtimeLimitMs ?? 300) / 1000);
-          const next = paceRam(bandwidth, this.session.unackedPayload + this.ramSrc.backlog(), queueTarget({ window: this.session.window(), drainBytesPerSec: Math.max(this.linkRate, this.session.drainRate()), rttMs: this.session.stats.minRttMs, nearSwitchover }));
+          const next = paceRam(bandwidth, this.session.unackedPayload + this.ramSrc.backlog(), queueTarget({ window: this.session.window(), drainBytesPerSec: Math.max(this.linkRate, this.session.drainRate()), rttMs: this.session.stats.minRttMs }));
           if (Math.abs(next - bandwidth) > bandwidth * 0.1) await ramParameters(qmp, { 'max-bandwidth': (bandwidth = next) });
         }
         if (Date.now() - lastParams > 1000) {
