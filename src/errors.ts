@@ -34,7 +34,6 @@ export const ERROR_CODES = {
   STORE_EXISTS: { status: 409, exit: 5, summary: 'The directory already holds a Ferry chunk store.' },
   STORE_LOCKED: { status: 409, exit: 5, summary: 'Another live process (a backup, prune or gc) holds the store\'s writer lock.' },
   SNAPSHOT_EXISTS: { status: 409, exit: 5, summary: 'The VM already has a snapshot with that name.' },
-  SNAPSHOT_HAS_CHILDREN: { status: 409, exit: 5, summary: 'The snapshot has more than one child branch, so its data cannot be merged into one.' },
   AGENT_NOT_INITIALIZED: { status: 409, exit: 5, summary: 'The data directory has no identity: run `ferry agent init`.' },
   // Failures of components Ferry drives (HTTP 500/502/504)
   QEMU_FAILED: { status: 502, exit: 6, summary: 'QEMU refused a command or exited while starting.' },
