@@ -350,19 +350,7 @@ export class VmManager {
           throw new FerryError('VM_RUNNING', `VM "${name}" is already ${rt.state} (QEMU pid ${rt.pid})`);
         }
       }
-      const spec = rec.spec;
-      const p = this.paths(spec);
-      fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
-      this.setRuntime(name, { state: 'starting' });
-      let inst: QemuInstance;
-      try {
-        inst = await freshLaunch(qemuArgs(spec, p, this.accel, { startPaused: true }), p);
-      } catch (e) {
-        const reason = (e as Error).message;
-        this.setRuntime(name, { state: 'crashed', reason, at: Date.now() }, { kind: 'start-failed', message: reason });
-        throw e;
-      }
-      this.adopt(name, inst);
+      const inst = await this.launchPaused(rec, false);
       await inst.resume();
       const startedAt = Date.now();
       this.setRuntime(name, { state: 'running', pid: inst.pid, startedAt }, { kind: 'started', message: `QEMU pid ${inst.pid} (${this.accel})` });
@@ -378,20 +366,9 @@ export class VmManager {
     return this.exclusive(name, async () => {
       const rec = this.record(name);
       if (isActive(rec.runtime)) throw new FerryError('VM_RUNNING', `VM "${name}" is ${rec.runtime.state}`);
-      const spec = rec.spec;
-      const p = this.paths(spec);
-      fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
-      this.setRuntime(name, { state: 'starting' });
-      let inst: QemuInstance;
+      const inst = await this.launchPaused(rec, true);
       try {
-        inst = await freshLaunch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
-      } catch (e) {
-        this.setRuntime(name, { state: 'crashed', reason: (e as Error).message, at: Date.now() }, { kind: 'start-failed', message: (e as Error).message });
-        throw e;
-      }
-      this.adopt(name, inst);
-      try {
-        await loadState(inst.qmp, `${p.qmpSocket}.state`, stateFile);
+        await loadState(inst.qmp, `${this.paths(rec.spec).qmpSocket}.state`, stateFile);
       } catch (e) {
         inst.kill();
         throw e;
@@ -400,6 +377,24 @@ export class VmManager {
       this.setRuntime(name, run ? { state: 'running', pid: inst.pid, startedAt: Date.now() } : { state: 'paused', pid: inst.pid, startedAt: Date.now() }, { kind: 'started', message: `QEMU pid ${inst.pid}, from saved state` });
       return this.get(name);
     });
+  }
+
+  /** Launches a VM's QEMU paused (`-S`, or `-incoming defer`) and adopts it; `crashed` if it fails. */
+  private async launchPaused(rec: VmRecord, incoming: boolean): Promise<QemuInstance> {
+    const name = rec.spec.name;
+    const p = this.paths(rec.spec);
+    fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
+    this.setRuntime(name, { state: 'starting' });
+    let inst: QemuInstance;
+    try {
+      inst = await freshLaunch(qemuArgs(rec.spec, p, this.accel, { startPaused: true, ...(incoming ? { incoming: true } : {}) }), p);
+    } catch (e) {
+      const reason = (e as Error).message;
+      this.setRuntime(name, { state: 'crashed', reason, at: Date.now() }, { kind: 'start-failed', message: reason });
+      throw e;
+    }
+    this.adopt(name, inst);
+    return inst;
   }
 
   /** Wires an instance's exit to the VM's state. */
