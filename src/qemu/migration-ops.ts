@@ -147,11 +147,3 @@ export async function cont(qmp: QmpClient): Promise<void> {
 export async function announceSelf(qmp: QmpClient): Promise<void> {
   await qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 50 }).catch(() => {});
 }
-
-/**
- * Guest-physical memory [0, bytes) written to `file` (QMP `pmemsave`). Diagnostic only: used by
- * FERRY_DEBUG_RAMCMP to compare guest RAM on both sides while the guest is paused.
- */
-export async function pmemsave(qmp: QmpClient, bytes: number, file: string): Promise<void> {
-  await qmp.execute('pmemsave', { val: 0, size: bytes, filename: file });
-}

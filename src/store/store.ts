@@ -116,7 +116,7 @@ export function openStore(dir: string, o: { keyFile?: string; write?: boolean } 
 
 export class ChunkStore {
   private readonly db: Database.Database;
-  /** ids (hex) the index holds, plus chunks written by the backup in progress */
+  /** ids (hex) the index holds, plus chunks written by the backup in progress (writers only) */
   private readonly known = new Set<string>();
   private pending = new Map<string, { stored: number; plain: number }>();
   private locked = false;
@@ -133,7 +133,9 @@ export class ChunkStore {
         spec TEXT NOT NULL, bytes_read INTEGER NOT NULL, bytes_new INTEGER NOT NULL, duration_ms INTEGER NOT NULL);
       CREATE TABLE IF NOT EXISTS backup_disks (backup TEXT NOT NULL, disk INTEGER NOT NULL, size INTEGER NOT NULL, manifest BLOB NOT NULL, PRIMARY KEY (backup, disk));
     `);
-    for (const r of this.db.prepare('SELECT id FROM chunks').raw().iterate()) this.known.add((r as [Buffer])[0].toString('hex'));
+    // Only a writer needs the set of held ids (to skip what the store has); readers (list, verify,
+    // export, a migration's seed) do not pay for loading it.
+    if (write) for (const r of this.db.prepare('SELECT id FROM chunks').raw().iterate()) this.known.add((r as [Buffer])[0].toString('hex'));
     if (stale) this.sweep();
   }
 
@@ -169,21 +171,11 @@ export class ChunkStore {
     return path.join(this.dir, 'chunks', idHex.slice(0, 2), idHex);
   }
 
-  has(id: Buffer): boolean {
-    return this.known.has(id.toString('hex'));
-  }
-
-  /** Stores a chunk unless the store holds it; returns its id and the bytes written (0 if held). */
+  /** Stores a chunk unless the store holds it (sealed on this thread); returns its id and the bytes written. */
   put(plain: Buffer): { id: Buffer; written: number } {
-    this.mustWrite();
     const id = chunkId(plain, this.key);
-    const hex = id.toString('hex');
-    if (this.known.has(hex)) return { id, written: 0 };
-    const data = seal(plain, this.key);
-    this.writeChunk(hex, data);
-    this.known.add(hex);
-    this.pending.set(hex, { stored: data.length, plain: plain.length });
-    return { id, written: data.length };
+    if (this.known.has(id.toString('hex'))) return { id, written: 0 };
+    return { id, written: this.putSealed(id, seal(plain, this.key), plain.length) };
   }
 
   /** Stores a chunk sealed elsewhere (a Sealer worker) unless the store holds it already. */
