@@ -21,10 +21,14 @@ export interface BitmapInfo {
 // the next backup reads everything — never less than changed.
 
 /** Dirty bitmaps on a disk's top node. */
-export async function diskBitmaps(qmp: QmpClient, node: string): Promise<BitmapInfo[]> {
-  const nodes = await qmp.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean; persistent: boolean; inconsistent?: boolean; count: number }[] }[]>('query-named-block-nodes', { flat: true });
-  const n = nodes.find((x) => x['node-name'] === node);
-  return (n?.['dirty-bitmaps'] ?? []).map((b) => ({ name: b.name, recording: b.recording, persistent: b.persistent, inconsistent: !!b.inconsistent, count: b.count }));
+/**
+ * The backup bitmaps of each of `nodes`, and whether an interrupted backup left fleecing nodes
+ * behind (one query for all of it).
+ */
+export async function backupState(qmp: QmpClient, nodes: string[]): Promise<{ bitmaps: BitmapInfo[][]; leftovers: boolean }> {
+  const all = await qmp.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean; persistent: boolean; inconsistent?: boolean; count: number }[] }[]>('query-named-block-nodes', { flat: true });
+  const bitmaps = nodes.map((node) => (all.find((x) => x['node-name'] === node)?.['dirty-bitmaps'] ?? []).map((b) => ({ name: b.name, recording: b.recording, persistent: b.persistent, inconsistent: !!b.inconsistent, count: b.count })));
+  return { bitmaps, leftovers: all.some((x) => x['node-name']?.startsWith('fleece')) };
 }
 
 export async function removeBitmap(qmp: QmpClient, node: string, name: string): Promise<void> {

@@ -9,7 +9,9 @@
 //   8 u32 plain length
 //   12 payload; when encrypted: 12-byte IV, 16-byte GCM tag, then the ciphertext
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
+import path from 'node:path';
 import { FerryError } from '../errors.js';
 
 const require = createRequire(import.meta.url);
@@ -104,4 +106,66 @@ export function open(file: Buffer, id: Buffer, key: StoreKey | undefined): Buffe
   if (body.length !== len) throw bad(`length ${body.length}, header says ${len}`);
   if (!chunkId(body, key).equals(id)) throw bad('content does not match its name');
   return body;
+}
+
+/** Where chunk `idHex` lives in store directory `dir`. */
+export function chunkPath(dir: string, idHex: string): string {
+  return path.join(dir, 'chunks', idHex.slice(0, 2), idHex);
+}
+
+/**
+ * Writes a chunk file under a temporary name (`tmpSuffix`, distinct per thread) and renames it
+ * into place, so a chunk file is always whole. STORE_FULL when the file system is full.
+ */
+export function writeChunkFile(dir: string, idHex: string, sealed: Buffer, tmpSuffix = '.tmp'): void {
+  const f = chunkPath(dir, idHex);
+  const tmp = f + tmpSuffix;
+  try {
+    fs.writeFileSync(tmp, sealed);
+    fs.renameSync(tmp, f);
+  } catch (e) {
+    fs.rmSync(tmp, { force: true });
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') throw new FerryError('STORE_FULL', `the store's file system is full (${dir}); nothing was committed, earlier backups are intact`, { cause: e });
+    throw e;
+  }
+}
+
+/**
+ * Names and seals the chunks of a run of adjacent `chunk`-sized pieces of a disk (a Sealer
+ * worker's job). An all-zero chunk is not stored (stored -1, id zeroes); a chunk `held` says the
+ * store has, or one this run already sealed, is not compressed again (stored 0). The sealed
+ * chunks are returned back to back in `sealed`, in chunk order.
+ */
+export function sealRun(key: StoreKey | undefined, chunk: number, run: Buffer, held: (id: Buffer) => boolean): { ids: Buffer; stored: Int32Array; sealed: Buffer } {
+  const count = Math.ceil(run.length / chunk);
+  const ids = Buffer.alloc(count * 32);
+  const stored = new Int32Array(count);
+  const out: Buffer[] = [];
+  const mine = new Set<string>();
+  for (let i = 0; i < count; i++) {
+    const plain = run.subarray(i * chunk, Math.min(run.length, (i + 1) * chunk));
+    if (isZero(plain)) {
+      stored[i] = -1;
+      continue;
+    }
+    const id = chunkId(plain, key);
+    id.copy(ids, i * 32);
+    const hex = id.toString('hex');
+    if (mine.has(hex) || held(id)) continue;
+    mine.add(hex);
+    const sealed = seal(plain, key);
+    out.push(sealed);
+    stored[i] = sealed.length;
+  }
+  return { ids, stored, sealed: Buffer.concat(out) };
+}
+
+const ZEROS = Buffer.alloc(64 * 1024);
+function isZero(b: Buffer): boolean {
+  for (let at = 0; at < b.length; at += ZEROS.length) {
+    const n = Math.min(ZEROS.length, b.length - at);
+    if (b.compare(ZEROS, 0, n, at, at + n) !== 0) return false;
+  }
+  return true;
 }

@@ -1,15 +1,29 @@
-// Why this file exists: the CPU half of writing chunks — naming (SHA-256/HMAC), compressing and
-// encrypting — on worker threads, so that reading a disk over NBD and sealing its chunks overlap
-// (store.ts Sealer). Messages: {n, plain} in, {n, id, sealed} out; buffers are transferred.
+// Why this file exists: the CPU half of a backup — naming (SHA-256/HMAC), compressing and
+// encrypting chunks — on worker threads, so that reading a disk over NBD on the main thread
+// overlaps with it (sealer.ts). A chunk the store's index already holds is named only: each
+// worker reads the index (SQLite, read-only) itself.
+//
+// Messages: in {n, run} (a run of adjacent chunks, transferred); out {n, ids, stored, sealed}
+// (chunk-file.ts sealRun); on error {n, error: {code, message}}. Once loaded: {ready: true}.
+import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
-import { chunkId, seal, type StoreKey } from './chunk-file.js';
+import Database from 'better-sqlite3';
+import { FerryError } from '../errors.js';
+import { sealRun, type StoreKey } from './chunk-file.js';
 
-const key = (workerData as { key?: StoreKey }).key;
-const fix = (k: StoreKey | undefined): StoreKey | undefined => (k ? { enc: Buffer.from(k.enc), mac: Buffer.from(k.mac), check: k.check } : undefined);
-const k = fix(key);
-parentPort!.on('message', (m: { n: number; plain: Uint8Array }) => {
-  const plain = Buffer.from(m.plain.buffer, m.plain.byteOffset, m.plain.byteLength);
-  const id = chunkId(plain, k);
-  const sealed = seal(plain, k);
-  parentPort!.postMessage({ n: m.n, id, sealed }, [sealed.buffer as ArrayBuffer]);
+const { dir, key, chunk } = workerData as { dir: string; key?: StoreKey; chunk: number };
+const k: StoreKey | undefined = key ? { enc: Buffer.from(key.enc), mac: Buffer.from(key.mac), check: key.check } : undefined;
+const db = new Database(path.join(dir, 'index.db'), { readonly: true, fileMustExist: true });
+const q = db.prepare('SELECT 1 FROM chunks WHERE id = ?');
+const held = (id: Buffer) => q.get(id) !== undefined;
+
+parentPort!.on('message', (m: { n: number; run: Uint8Array }) => {
+  try {
+    const r = sealRun(k, chunk, Buffer.from(m.run.buffer, m.run.byteOffset, m.run.byteLength), held);
+    const sealed = r.sealed.byteOffset === 0 && r.sealed.byteLength === r.sealed.buffer.byteLength ? r.sealed : Buffer.from(r.sealed);
+    parentPort!.postMessage({ n: m.n, ids: r.ids, stored: r.stored, sealed }, [r.ids.buffer as ArrayBuffer, r.stored.buffer as ArrayBuffer, sealed.buffer as ArrayBuffer]);
+  } catch (e) {
+    parentPort!.postMessage({ n: m.n, error: { code: e instanceof FerryError ? e.code : 'INTERNAL', message: (e as Error).message } });
+  }
 });
+parentPort!.postMessage({ ready: true });

@@ -3,17 +3,25 @@
 //
 // Layout of a store directory
 //   ferry-store.json   format version, whether chunks are encrypted, the key check
-//   index.db           SQLite (WAL, synchronous=FULL): chunks {id, sizes, refs}, backups, and
-//                      each backed-up disk's manifest (one 32-byte chunk id per 64 KiB; zeroes
-//                      for an all-zero chunk)
-//   chunks/ab/<id>     one file per chunk (chunk-file.ts), named by its id
+//   index.db           SQLite (WAL, synchronous=FULL): chunks {id, sizes}, backups, and each
+//                      backed-up disk's manifest (one 32-byte chunk id per 64 KiB; zeroes for
+//                      an all-zero chunk). Which chunks are live is what the manifests name:
+//                      gc marks from them (as PBS does), so a backup's commit costs only its new
+//                      chunks, not an update per chunk it references. (The `refs` column of
+//                      stores made before that is kept and ignored.)
+//   packs/<r>.pack     the chunks a backup added, back to back (packs.ts); the index gives
+//                      each packed chunk's (pack, offset, stored length)
+//   chunks/ab/<id>     a chunk as a file of its own (chunk-file.ts), named by its id: put(),
+//                      and every chunk of stores written before packs
 //   lock               the pid of the one writer (backup, prune, gc)
 //
-// Crash safety. A chunk file is written under a temporary name and renamed. A backup commits in
-// one SQLite transaction (its manifests, its chunks' rows and reference counts) only after the
+// Crash safety. A chunk file is written under a temporary name and renamed; a pack is appended
+// to only by the one backup that made it. A backup commits in
+// one SQLite transaction (its manifests and its new chunks' rows) only after the
 // file system was synced (syncfs), so the index never names a chunk that is not durable. kill -9
-// at any point leaves the last committed state: files without a row (a backup that never
-// committed) and temporary files are swept by `gc` and by the next writer after a stale lock.
+// at any point leaves the last committed state: files and packs no row names (a backup that
+// never committed) and temporary files are swept by `gc` and by the next writer after a stale
+// lock.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -21,8 +29,9 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { FerryError } from '../errors.js';
 import { run } from '../util/exec.js';
-import { chunkId, deriveKey, open as openChunk, seal, type StoreKey } from './chunk-file.js';
-import { Sealer } from './sealer.js';
+import { chunkId, chunkPath, deriveKey, open as openChunk, seal, writeChunkFile, type StoreKey } from './chunk-file.js';
+import { PACK_DIR, PackReader, PackWriter } from './packs.js';
+import { pooledSealer, type RunResult, type Sealer } from './sealer.js';
 
 export const STORE_CHUNK = 64 * 1024;
 export const ZERO_ID = Buffer.alloc(32);
@@ -65,6 +74,7 @@ export function storeInit(dir: string, o: { keyFile?: string } = {}): StoreConfi
     key = readKey(o.keyFile);
   }
   for (let i = 0; i < 256; i++) fs.mkdirSync(path.join(dir, 'chunks', i.toString(16).padStart(2, '0')), { recursive: true });
+  fs.mkdirSync(path.join(dir, PACK_DIR));
   const cfg: StoreConfig = { format: FORMAT, created: Date.now(), encrypted: !!key, ...(key ? { keyCheck: key.check } : {}) };
   const s = new ChunkStore(dir, cfg, key, false);
   s.close();
@@ -116,10 +126,14 @@ export function openStore(dir: string, o: { keyFile?: string; write?: boolean } 
 
 export class ChunkStore {
   private readonly db: Database.Database;
-  /** ids (hex) the index holds, plus chunks written by the backup in progress (writers only) */
-  private readonly known = new Set<string>();
-  private pending = new Map<string, { stored: number; plain: number }>();
+  /** chunks written by the backup in progress: committed with it, removed by abandon */
+  private pending = new Map<string, { stored: number; plain: number; off?: number }>();
+  /** the pack of the backup in progress */
+  private pack: PackWriter | undefined;
+  private readonly packs: PackReader;
   private locked = false;
+  private holdsQ: Database.Statement | undefined;
+  private whereQ: Database.Statement | undefined;
 
   constructor(readonly dir: string, readonly config: StoreConfig, private readonly key: StoreKey | undefined, write: boolean) {
     const stale = write && this.lock();
@@ -133,9 +147,10 @@ export class ChunkStore {
         spec TEXT NOT NULL, bytes_read INTEGER NOT NULL, bytes_new INTEGER NOT NULL, duration_ms INTEGER NOT NULL);
       CREATE TABLE IF NOT EXISTS backup_disks (backup TEXT NOT NULL, disk INTEGER NOT NULL, size INTEGER NOT NULL, manifest BLOB NOT NULL, PRIMARY KEY (backup, disk));
     `);
-    // Only a writer needs the set of held ids (to skip what the store has); readers (list, verify,
-    // export, a migration's seed) do not pay for loading it.
-    if (write) for (const r of this.db.prepare('SELECT id FROM chunks').raw().iterate()) this.known.add((r as [Buffer])[0].toString('hex'));
+    // Packed chunks (a store made before packs gains the columns; its chunks stay files).
+    const cols = (this.db.prepare('PRAGMA table_info(chunks)').all() as { name: string }[]).map((c) => c.name);
+    if (!cols.includes('pack')) this.db.exec('ALTER TABLE chunks ADD COLUMN pack TEXT; ALTER TABLE chunks ADD COLUMN off INTEGER;');
+    this.packs = new PackReader(dir);
     if (stale) this.sweep();
   }
 
@@ -162,60 +177,97 @@ export class ChunkStore {
   }
 
   close(): void {
+    this.packs.close();
+    this.pack?.close();
     this.db.close();
     if (this.locked) fs.rmSync(path.join(this.dir, 'lock'), { force: true });
     this.locked = false;
   }
 
   private file(idHex: string): string {
-    return path.join(this.dir, 'chunks', idHex.slice(0, 2), idHex);
+    return chunkPath(this.dir, idHex);
   }
 
   /** Stores a chunk unless the store holds it (sealed on this thread); returns its id and the bytes written. */
   put(plain: Buffer): { id: Buffer; written: number } {
     const id = chunkId(plain, this.key);
-    if (this.known.has(id.toString('hex'))) return { id, written: 0 };
+    if (this.holds(id.toString('hex'))) return { id, written: 0 };
     return { id, written: this.putSealed(id, seal(plain, this.key), plain.length) };
   }
 
-  /** Stores a chunk sealed elsewhere (a Sealer worker) unless the store holds it already. */
-  putSealed(id: Buffer, sealed: Buffer, plainLength: number): number {
+  /** Stores a sealed chunk unless the store holds it already; returns the bytes written. */
+  private putSealed(id: Buffer, sealed: Buffer, plainLength: number): number {
     this.mustWrite();
     const hex = id.toString('hex');
-    if (this.known.has(hex)) return 0;
-    this.writeChunk(hex, sealed);
-    this.known.add(hex);
+    if (this.holds(hex)) return 0;
+    writeChunkFile(this.dir, hex, sealed);
     this.pending.set(hex, { stored: sealed.length, plain: plainLength });
     return sealed.length;
   }
 
-  /** A pool of worker threads that name and seal chunks for this store. */
-  sealer(threads = Math.max(1, Math.min(4, os.availableParallelism() - 1))): Sealer {
-    return new Sealer(this.key, threads);
+  /**
+   * Worker threads that name, seal and write chunks into this store (adopt what they return),
+   * kept warm between backups; release them when done.
+   */
+  sealer(threads = Math.max(2, Math.min(4, os.availableParallelism()))): { sealer: Sealer; release: () => void } {
+    this.mustWrite();
+    return pooledSealer(this.dir, this.key, STORE_CHUNK, threads, (id) => this.holds(id.toString('hex')));
   }
 
-  private writeChunk(hex: string, data: Buffer): void {
-    const f = this.file(hex);
-    try {
-      fs.writeFileSync(`${f}.tmp`, data);
-      fs.renameSync(`${f}.tmp`, f);
-    } catch (e) {
-      fs.rmSync(`${f}.tmp`, { force: true });
-      if ((e as NodeJS.ErrnoException).code === 'ENOSPC' || (e as NodeJS.ErrnoException).code === 'EDQUOT') {
-        throw new FerryError('STORE_FULL', `the store's file system is full (${this.dir}); nothing was committed, earlier backups are intact`, { cause: e });
-      }
-      throw e;
+  /**
+   * Takes what a Sealer made of a run into the backup in progress: chunks the store does not
+   * hold yet are appended to the backup's pack and become pending (committed with the backup,
+   * removed by abandon). Returns the new chunks and their stored bytes.
+   */
+  adopt(r: RunResult, plainLength: number): { chunks: number; bytes: number } {
+    this.mustWrite();
+    const fresh: { hex: string; at: number; len: number; plain: number }[] = [];
+    let at = 0;
+    let sealedChunks = 0;
+    for (let k = 0; k < r.stored.length; k++) {
+      const len = r.stored[k]!;
+      if (len <= 0) continue;
+      sealedChunks++;
+      const hex = r.ids.toString('hex', k * 32, k * 32 + 32);
+      // Two workers may seal one new chunk (their runs raced): it is stored once.
+      if (!this.holds(hex) && !fresh.some((f) => f.hex === hex)) fresh.push({ hex, at, len, plain: Math.min(STORE_CHUNK, plainLength - k * STORE_CHUNK) });
+      at += len;
     }
+    if (!fresh.length) return { chunks: 0, bytes: 0 };
+    this.pack ??= new PackWriter(this.dir);
+    let bytes = 0;
+    if (fresh.length === sealedChunks) {
+      const base = this.pack.append(r.sealed);
+      for (const f of fresh) this.pending.set(f.hex, { stored: f.len, plain: f.plain, off: base + f.at });
+      bytes = r.sealed.length;
+    } else {
+      for (const f of fresh) {
+        this.pending.set(f.hex, { stored: f.len, plain: f.plain, off: this.pack.append(r.sealed.subarray(f.at, f.at + f.len)) });
+        bytes += f.len;
+      }
+    }
+    return { chunks: fresh.length, bytes };
+  }
+
+  /** The index or the backup in progress holds chunk `hex`. */
+  private holds(hex: string): boolean {
+    this.holdsQ ??= this.db.prepare('SELECT 1 FROM chunks WHERE id = ?');
+    return this.pending.has(hex) || this.holdsQ.get(Buffer.from(hex, 'hex')) !== undefined;
   }
 
   /** A chunk's plain bytes, checked against its id. */
   get(id: Buffer): Buffer {
     const hex = id.toString('hex');
+    this.whereQ ??= this.db.prepare('SELECT stored, pack, off FROM chunks WHERE id = ?');
+    const row = this.whereQ.get(id) as { stored: number; pack: string | null; off: number | null } | undefined;
+    const p = this.pending.get(hex);
+    const pack = row?.pack ?? (p?.off !== undefined ? this.pack?.name : undefined);
     let file: Buffer;
     try {
-      file = fs.readFileSync(this.file(hex));
+      if (pack) file = this.packs.read(pack, row?.off ?? p!.off!, row?.stored ?? p!.stored);
+      else file = fs.readFileSync(this.file(hex));
     } catch (e) {
-      throw new FerryError('STORE_CORRUPT', `chunk ${hex} is missing from ${this.dir}`, { cause: e });
+      throw new FerryError('STORE_CORRUPT', `chunk ${hex} is missing from ${this.dir}${pack ? ` (pack ${pack})` : ''}`, { cause: e });
     }
     return openChunk(file, id, this.key);
   }
@@ -230,25 +282,44 @@ export class ChunkStore {
   }
 
   /** Makes the written chunks durable, then records the backup and its references atomically. */
-  async commit(b: BackupRow, disks: BackupDisk[]): Promise<void> {
+  async commit(b: BackupRow, disks: BackupDisk[], onStep?: (what: string) => void): Promise<void> {
     this.mustWrite();
     try {
-      await run('sync', ['-f', path.join(this.dir, 'chunks')]);
+      // New chunks are in this backup's pack: syncing it is enough. Chunk files (put) need
+      // their directories too: the whole file system is synced then.
+      if ([...this.pending.values()].some((p) => p.off === undefined)) await run('sync', ['-f', path.join(this.dir, 'chunks')]);
+      else await this.pack?.syncAsync();
     } catch (e) {
       throw new FerryError('STORE_FULL', `could not make the new chunks durable in ${this.dir}: ${(e as Error).message}`, { cause: e });
     }
-    const refs = distinctIds(disks.map((d) => d.manifest));
-    const insChunk = this.db.prepare('INSERT OR IGNORE INTO chunks (id, stored, plain, refs) VALUES (?, ?, ?, 0)');
-    const ref = this.db.prepare('UPDATE chunks SET refs = refs + 1 WHERE id = ?');
+    onStep?.('synced');
+    // Every chunk the backup names must be in the store (held before, or written by it). Parts
+    // of a manifest equal to the parent's were checked when the parent committed.
+    const parent = b.parent ? this.disks(b.parent) : [];
+    for (const d of disks) {
+      const old = parent.find((p) => p.disk === d.disk && p.manifest.length === d.manifest.length)?.manifest;
+      // Compared with the parent a block of 256 entries at a time: an incremental changes few.
+      const BLOCK = 256 * 32;
+      for (let blk = 0; blk < d.manifest.length; blk += BLOCK) {
+        const end = Math.min(d.manifest.length, blk + BLOCK);
+        if (old && d.manifest.compare(old, blk, end, blk, end) === 0) continue;
+        for (let i = blk; i < end; i += 32) {
+          if (old && d.manifest.compare(old, i, i + 32, i, i + 32) === 0) continue;
+          if (d.manifest.compare(ZERO_ID, 0, 32, i, i + 32) === 0) continue;
+          const hex = d.manifest.toString('hex', i, i + 32);
+          if (!this.holds(hex)) throw new FerryError('STORE_CORRUPT', `backup ${b.id} names chunk ${hex}, which the store does not hold`);
+        }
+      }
+    }
+    const insChunk = this.db.prepare('INSERT OR IGNORE INTO chunks (id, stored, plain, refs, pack, off) VALUES (?, ?, ?, 0, ?, ?)');
+    const pack = this.pack?.name ?? null;
     const tx = this.db.transaction(() => {
-      for (const [hex, s] of this.pending) insChunk.run(Buffer.from(hex, 'hex'), s.stored, s.plain);
+      for (const [hex, s] of this.pending) insChunk.run(Buffer.from(hex, 'hex'), s.stored, s.plain, s.off !== undefined ? pack : null, s.off ?? null);
       this.db.prepare('INSERT INTO backups (id, vm, created, kind, parent, spec, bytes_read, bytes_new, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)').run(b.id, b.vm, b.created, b.kind, b.parent, b.spec, b.bytesRead, b.bytesNew, b.durationMs);
       const insDisk = this.db.prepare('INSERT INTO backup_disks (backup, disk, size, manifest) VALUES (?, ?, ?, ?)');
       for (const d of disks) insDisk.run(b.id, d.disk, d.size, d.manifest);
-      for (const id of refs) {
-        if (ref.run(id).changes !== 1) throw new FerryError('STORE_CORRUPT', `backup ${b.id} names chunk ${id.toString('hex')}, which the store does not hold`);
-      }
     });
+    onStep?.('checked');
     try {
       tx();
     } catch (e) {
@@ -256,15 +327,17 @@ export class ChunkStore {
       throw e;
     }
     this.pending.clear();
+    this.pack?.close();
+    this.pack = undefined;
   }
 
   /** Forgets chunks written by a backup that will not commit (their files go now). */
   abandon(): void {
-    for (const hex of this.pending.keys()) {
-      this.known.delete(hex);
-      fs.rmSync(this.file(hex), { force: true });
-    }
+    for (const [hex, p] of this.pending) if (p.off === undefined) fs.rmSync(this.file(hex), { force: true });
     this.pending.clear();
+    if (this.pack) this.packs.forget(this.pack.name);
+    this.pack?.discard();
+    this.pack = undefined;
   }
 
   backups(vm?: string): BackupRow[] {
@@ -283,60 +356,109 @@ export class ChunkStore {
     return this.db.prepare('SELECT disk, size, manifest FROM backup_disks WHERE backup = ? ORDER BY disk').all(backupId) as BackupDisk[];
   }
 
-  /** Removes a backup and drops its references (gc frees the chunks no backup needs). */
+  /** Removes a backup (gc frees the chunks no other backup names). */
   deleteBackup(id: string): void {
     this.mustWrite();
-    const refs = distinctIds(this.disks(id).map((d) => d.manifest));
-    const unref = this.db.prepare('UPDATE chunks SET refs = refs - 1 WHERE id = ?');
     this.db.transaction(() => {
-      for (const r of refs) unref.run(r);
       this.db.prepare('DELETE FROM backup_disks WHERE backup = ?').run(id);
       this.db.prepare('DELETE FROM backups WHERE id = ?').run(id);
     })();
   }
 
-  /** Deletes unreferenced chunks and whatever a dead writer left; returns what was freed. */
+  /** The ids (hex) some backup's manifest names: the live chunks. */
+  private live(): Set<string> {
+    const out = new Set<string>();
+    for (const r of this.db.prepare('SELECT manifest FROM backup_disks').raw().iterate()) {
+      const m = (r as [Buffer])[0];
+      for (let i = 0; i < m.length; i += 32) if (m.compare(ZERO_ID, 0, 32, i, i + 32) !== 0) out.add(m.toString('hex', i, i + 32));
+    }
+    return out;
+  }
+
+  /** Chunks in the index that no backup names (what gc would free). */
+  private dead(): { id: Buffer; stored: number; pack: string | null }[] {
+    const live = this.live();
+    return (this.db.prepare('SELECT id, stored, pack FROM chunks').all() as { id: Buffer; stored: number; pack: string | null }[]).filter((c) => !live.has(c.id.toString('hex')));
+  }
+
+  /**
+   * Deletes chunks no backup names and whatever a dead writer left; packs that are more than
+   * half dead are compacted (their live chunks moved to a new pack). Returns what was freed.
+   */
   gc(): { chunks: number; bytes: number; orphans: number } {
     this.mustWrite();
-    const dead = this.db.prepare('SELECT id, stored FROM chunks WHERE refs <= 0').all() as { id: Buffer; stored: number }[];
+    const dead = this.dead();
     this.db.transaction(() => {
       const del = this.db.prepare('DELETE FROM chunks WHERE id = ?');
       for (const d of dead) del.run(d.id);
     })();
     let bytes = 0;
     for (const d of dead) {
-      const hex = d.id.toString('hex');
-      this.known.delete(hex);
-      fs.rmSync(this.file(hex), { force: true });
+      if (d.pack) continue; // its pack shrinks below, or goes with the sweep
+      fs.rmSync(this.file(d.id.toString('hex')), { force: true });
       bytes += d.stored;
     }
+    bytes += this.compact();
     const sw = this.sweep();
     return { chunks: dead.length, bytes: bytes + sw.bytes, orphans: sw.files };
   }
 
-  /** Removes temporary files and chunk files no index row names (a writer died before commit). */
-  private sweep(): { files: number; bytes: number } {
-    const rows = new Set<string>();
-    for (const r of this.db.prepare('SELECT id FROM chunks').raw().iterate()) rows.add((r as [Buffer])[0].toString('hex'));
-    let files = 0;
-    let bytes = 0;
-    const root = path.join(this.dir, 'chunks');
-    for (const sub of fs.readdirSync(root)) {
-      for (const f of fs.readdirSync(path.join(root, sub))) {
-        if (rows.has(f) || this.pending.has(f)) continue;
-        const p = path.join(root, sub, f);
-        bytes += fs.statSync(p).size;
-        fs.rmSync(p, { force: true });
-        files++;
-        this.known.delete(f.replace(/\.tmp$/, ''));
+  /** Moves the live chunks of mostly-dead packs into one new pack; returns the bytes freed. */
+  private compact(): number {
+    const live = this.db.prepare('SELECT pack, SUM(stored) AS bytes FROM chunks WHERE pack IS NOT NULL GROUP BY pack').all() as { pack: string; bytes: number }[];
+    const victims = live.filter((p) => {
+      const size = fs.statSync(path.join(this.dir, PACK_DIR, p.pack), { throwIfNoEntry: false })?.size ?? 0;
+      return p.bytes < size / 2;
+    });
+    if (!victims.length) return 0;
+    const out = new PackWriter(this.dir);
+    const moves: { id: Buffer; off: number }[] = [];
+    let before = 0;
+    for (const v of victims) {
+      before += fs.statSync(path.join(this.dir, PACK_DIR, v.pack)).size;
+      for (const c of this.db.prepare('SELECT id, stored, off FROM chunks WHERE pack = ?').all(v.pack) as { id: Buffer; stored: number; off: number }[]) {
+        moves.push({ id: c.id, off: out.append(this.packs.read(v.pack, c.off, c.stored)) });
       }
     }
+    out.sync();
+    const upd = this.db.prepare('UPDATE chunks SET pack = ?, off = ? WHERE id = ?');
+    this.db.transaction(() => {
+      for (const m of moves) upd.run(out.name, m.off, m.id);
+    })();
+    const after = out.size;
+    out.close();
+    for (const v of victims) {
+      this.packs.forget(v.pack);
+      fs.rmSync(path.join(this.dir, PACK_DIR, v.pack), { force: true });
+    }
+    return before - after;
+  }
+
+  /** Removes temporary files, chunk files and packs no index row names (a writer died before commit). */
+  private sweep(): { files: number; bytes: number } {
+    const rows = new Set<string>();
+    for (const r of this.db.prepare('SELECT id FROM chunks WHERE pack IS NULL').raw().iterate()) rows.add((r as [Buffer])[0].toString('hex'));
+    const packs = new Set((this.db.prepare('SELECT DISTINCT pack FROM chunks WHERE pack IS NOT NULL').raw().all() as [string][]).map((r) => r[0]));
+    if (this.pack) packs.add(this.pack.name);
+    let files = 0;
+    let bytes = 0;
+    const drop = (p: string) => {
+      bytes += fs.statSync(p).size;
+      fs.rmSync(p, { force: true });
+      files++;
+    };
+    const root = path.join(this.dir, 'chunks');
+    for (const sub of fs.readdirSync(root)) {
+      for (const f of fs.readdirSync(path.join(root, sub))) if (!rows.has(f) && !this.pending.has(f)) drop(path.join(root, sub, f));
+    }
+    const packDir = path.join(this.dir, PACK_DIR);
+    for (const f of fs.existsSync(packDir) ? fs.readdirSync(packDir) : []) if (!packs.has(f)) drop(path.join(packDir, f));
     return { files, bytes };
   }
 
   /** Reads every chunk (of one backup, or all) and checks it; returns the damaged ids and who needs them. */
   verify(backupId?: string, onProgress?: (done: number, total: number) => void): { checked: number; bad: { id: string; error: string; backups: string[] }[] } {
-    const ids = backupId ? distinctIds(this.disks(backupId).map((d) => d.manifest)) : (this.db.prepare('SELECT id FROM chunks WHERE refs > 0').raw().all() as [Buffer][]).map((r) => r[0]);
+    const ids = backupId ? distinctIds(this.disks(backupId).map((d) => d.manifest)) : [...this.live()].map((h) => Buffer.from(h, 'hex'));
     const bad: { id: string; error: string; backups: string[] }[] = [];
     ids.forEach((id, i) => {
       try {
@@ -359,9 +481,9 @@ export class ChunkStore {
   }
 
   info(): { dir: string; encrypted: boolean; chunks: number; storedBytes: number; plainBytes: number; backups: number; vms: number; unreferenced: number } {
-    const c = this.db.prepare('SELECT COUNT(*) AS n, COALESCE(SUM(stored),0) AS s, COALESCE(SUM(plain),0) AS p, COALESCE(SUM(refs <= 0),0) AS u FROM chunks').get() as { n: number; s: number; p: number; u: number };
+    const c = this.db.prepare('SELECT COUNT(*) AS n, COALESCE(SUM(stored),0) AS s, COALESCE(SUM(plain),0) AS p FROM chunks').get() as { n: number; s: number; p: number };
     const b = this.db.prepare('SELECT COUNT(*) AS n, COUNT(DISTINCT vm) AS v FROM backups').get() as { n: number; v: number };
-    return { dir: this.dir, encrypted: this.encrypted, chunks: c.n, storedBytes: c.s, plainBytes: c.p, backups: b.n, vms: b.v, unreferenced: c.u };
+    return { dir: this.dir, encrypted: this.encrypted, chunks: c.n, storedBytes: c.s, plainBytes: c.p, backups: b.n, vms: b.v, unreferenced: this.dead().length };
   }
 
   private mustWrite(): void {

@@ -7,6 +7,7 @@ import crypto from 'node:crypto';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { JobView } from '../../src/agent/jobs.js';
 import type { VmView } from '../../src/agent/vms.js';
@@ -171,14 +172,17 @@ describe('backups', () => {
 
   it('verify names a corrupted chunk and the backups that need it', () => {
     const store = path.join(agent.dataDir, 'store');
-    const chunks = fs.readdirSync(path.join(store, 'chunks')).flatMap((d) => fs.readdirSync(path.join(store, 'chunks', d)).map((f) => path.join(store, 'chunks', d, f)));
-    const victim = chunks.sort()[0]!;
-    const b = fs.readFileSync(victim);
-    b[b.length - 3]! ^= 0x55;
-    fs.writeFileSync(victim, b);
+    // Backups pack their chunks (packs/<r>.pack): flip a byte inside one packed chunk.
+    const db = new Database(path.join(store, 'index.db'), { readonly: true });
+    const victim = db.prepare('SELECT id, stored, pack, off FROM chunks WHERE pack IS NOT NULL ORDER BY id LIMIT 1').get() as { id: Buffer; stored: number; pack: string; off: number };
+    db.close();
+    const file = path.join(store, 'packs', victim.pack);
+    const b = fs.readFileSync(file);
+    b[victim.off + victim.stored - 3]! ^= 0x55;
+    fs.writeFileSync(file, b);
     const r = agent.cli(['store', 'verify']);
     expect(r.code).toBe(6);
-    expect(r.stdout).toContain(path.basename(victim));
+    expect(r.stdout).toContain(victim.id.toString('hex'));
     expect(r.stderr).toContain('STORE_CORRUPT');
   });
 

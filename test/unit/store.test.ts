@@ -40,6 +40,56 @@ describe('chunk files', () => {
 });
 
 describe('chunk store', () => {
+  it('runs through the sealer go to one pack: zero chunks are not stored, duplicates once, abandon removes the pack', async () => {
+    const dir = path.join(tmp(), 's');
+    storeInit(dir);
+    const s = openStore(dir, { write: true });
+    const { sealer, release } = s.sealer(); // the compiled worker is absent under vitest: runs on this thread
+    // four chunks: data, zeroes, the same data again, a short last chunk
+    const run = Buffer.concat([Buffer.from(block(1)), Buffer.alloc(STORE_CHUNK), Buffer.from(block(1)), Buffer.from(block(2)).subarray(0, 1000)]);
+    const r = await sealer.storeRun(Buffer.from(run));
+    expect([...r.stored].map((x) => Math.sign(x))).toEqual([1, -1, 0, 1]);
+    expect(r.ids.subarray(32, 64).equals(ZERO_ID)).toBe(true);
+    expect(r.ids.subarray(0, 32).equals(r.ids.subarray(64, 96))).toBe(true);
+    expect(s.adopt(r, run.length).chunks).toBe(2);
+    expect(s.get(r.ids.subarray(96, 128)).length).toBe(1000); // readable before the commit
+    expect(s.adopt(await sealer.storeRun(Buffer.from(run)), run.length)).toEqual({ chunks: 0, bytes: 0 });
+    expect(fs.readdirSync(path.join(dir, 'packs'))).toHaveLength(1);
+    s.abandon();
+    expect(fs.readdirSync(path.join(dir, 'packs'))).toEqual([]);
+    release();
+    s.close();
+  });
+
+  it('packed chunks commit, verify, and gc compacts a mostly dead pack', async () => {
+    const dir = path.join(tmp(), 's');
+    storeInit(dir);
+    const s = openStore(dir, { write: true });
+    const { sealer, release } = s.sealer();
+    const manifest = async (seeds: number[]) => {
+      const run = Buffer.concat(seeds.map((n) => Buffer.from(block(n))));
+      const r = await sealer.storeRun(Buffer.from(run));
+      s.adopt(r, run.length);
+      return r.ids;
+    };
+    const m1 = await manifest([1, 2, 3, 4]);
+    await s.commit(row('b1'), [{ disk: 0, size: 4 * STORE_CHUNK, manifest: m1 }]);
+    const m2 = await manifest([1, 5, 6, 7]); // shares chunk 1 with b1
+    await s.commit(row('b2'), [{ disk: 0, size: 4 * STORE_CHUNK, manifest: m2 }]);
+    expect(s.info()).toMatchObject({ chunks: 7, backups: 2, unreferenced: 0 });
+    expect(s.verify().bad).toEqual([]);
+    s.deleteBackup('b1'); // chunks 2, 3, 4 die: b1's pack is three quarters dead
+    expect(s.info().unreferenced).toBe(3);
+    const g = s.gc();
+    expect(g.chunks).toBe(3);
+    expect(g.bytes).toBeGreaterThan(0);
+    expect(s.info()).toMatchObject({ chunks: 4, unreferenced: 0 });
+    expect(s.verify('b2')).toMatchObject({ checked: 4, bad: [] });
+    expect(s.get(m2.subarray(0, 32)).toString()).toBe(block(1));
+    release();
+    s.close();
+  });
+
   it('stores each distinct chunk once, commits atomically, and counts references', async () => {
     const dir = path.join(tmp(), 's');
     storeInit(dir);
