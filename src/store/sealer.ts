@@ -107,8 +107,9 @@ export class Sealer {
 const pools = new Map<string, { sealer: Sealer; timer?: NodeJS.Timeout }>();
 const IDLE_MS = 300_000;
 
-export function pooledSealer(dir: string, key: StoreKey | undefined, chunk: number, threads: number, held: (id: Buffer) => boolean): { sealer: Sealer; release: () => void } {
-  const k = `${dir}\0${key?.check ?? ''}\0${chunk}\0${threads}`;
+export function pooledSealer(storeId: string, dir: string, key: StoreKey | undefined, chunk: number, threads: number, held: (id: Buffer) => boolean): { sealer: Sealer; release: () => void } {
+  // storeId tells a store from one made again at the same path (the workers read its index).
+  const k = `${storeId}\0${key?.check ?? ''}\0${chunk}\0${threads}`;
   let p = pools.get(k);
   if (!p) {
     const sealer = new Sealer(dir, key, chunk, threads, held);

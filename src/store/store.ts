@@ -211,7 +211,7 @@ export class ChunkStore {
    */
   sealer(threads = Math.max(2, Math.min(4, os.availableParallelism()))): { sealer: Sealer; release: () => void } {
     this.mustWrite();
-    return pooledSealer(this.dir, this.key, STORE_CHUNK, threads, (id) => this.holds(id.toString('hex')));
+    return pooledSealer(`${this.dir}#${this.config.created}`, this.dir, this.key, STORE_CHUNK, threads, (id) => this.holds(id.toString('hex')));
   }
 
   /**
