@@ -34,12 +34,12 @@ export function progressLine(v: MigrationView): string {
     case 'disk': {
       const d = v.disk;
       const frac = d.roundTotal ? d.roundDone / d.roundTotal : 0;
-      return `${el} disk round ${d.round} ${bar(frac)} ${formatBytes(d.roundDone)}/${formatBytes(d.roundTotal)}, dirty ${formatBytes(d.dirtyRate)}/s${wire}${thr}${eta}${stall}`;
+      return `${el} disk round ${d.round} ${bar(frac)} ${formatBytes(d.roundDone)}/${formatBytes(d.roundTotal)}, dirty ${d.round === 0 ? '– (measured after round 0)' : `${formatBytes(d.dirtyRate)}/s`}${wire}${thr}${eta}${stall}`;
     }
     case 'ram': {
       const r = v.ram;
       const frac = r && r.total ? 1 - r.remaining / r.total : 0;
-      return `${el} ram ${bar(frac)} remaining ${formatBytes(r?.remaining ?? 0)}, dirty ${formatBytes(r?.dirtyBytesPerSec ?? 0)}/s${r?.cpuThrottle ? ` cpu-throttle ${r.cpuThrottle}%` : ''}, disk round ${v.disk.round}${wire}${thr}${pd}${eta}${stall}`;
+      return `${el} ram ${bar(frac)} remaining ${formatBytes(r?.remaining ?? 0)}, dirty ${!r?.dirtyBytesPerSec && r && r.transferred < r.total ? '– (measured after the first pass)' : `${formatBytes(r?.dirtyBytesPerSec ?? 0)}/s`}${r?.cpuThrottle ? ` cpu-throttle ${r.cpuThrottle}%` : ''}, disk round ${v.disk.round}${wire}${thr}${pd}${eta}${stall}`;
     }
     default:
       return `${el} ${v.phase}${wire}${stall}`;

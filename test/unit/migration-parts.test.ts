@@ -3,7 +3,9 @@
 // decisions on made-up rates.
 import { describe, expect, it } from 'vitest';
 import crypto from 'node:crypto';
+import { progressLine } from '../../src/cli/migrate.js';
 import { decide, paceRam, queueTarget } from '../../src/migration/converge.js';
+import type { MigrationView } from '../../src/migration/source.js';
 import { groupCount, groupHashes, groupRanges, isZero, mergeRanges, splitAligned, CHUNK } from '../../src/migration/blocks.js';
 import { decodeControl, decodeRecord, encodeControl, encodeRecord, HEADER_BYTES, RecordKind } from '../../src/migration/protocol.js';
 import type { NbdClient } from '../../src/nbd/client.js';
@@ -172,5 +174,17 @@ describe('guest RAM check', () => {
     for (const g of [2, 5]) writeGroup(b, g, readGroup(a, g));
     expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([]);
     fs.rmSync(dir, { recursive: true, force: true });
+  });
+});
+
+describe('progress line', () => {
+  const view = (over: Record<string, unknown>) =>
+    ({ startedAt: Date.now(), phase: 'disk', etaSec: null, wire: { sentBytes: 0, drainBytesPerSec: 0, connections: 1 }, disk: { round: 0, roundDone: 1, roundTotal: 2, dirtyRate: 0 }, ram: null, ...over }) as unknown as MigrationView;
+  it('says a dirty rate is not measured yet rather than showing 0', () => {
+    expect(progressLine(view({}))).toContain('dirty – (measured after round 0)');
+    expect(progressLine(view({ disk: { round: 2, roundDone: 1, roundTotal: 2, dirtyRate: 102400 } }))).toContain('dirty 100 KiB/s');
+    const ram = { transferred: 10, remaining: 90, total: 100, dirtyBytesPerSec: 0, cpuThrottle: 0 };
+    expect(progressLine(view({ phase: 'ram', ram }))).toContain('dirty – (measured after the first pass)');
+    expect(progressLine(view({ phase: 'ram', ram: { ...ram, transferred: 200 } }))).toContain('dirty 0 B/s');
   });
 });
