@@ -247,7 +247,7 @@ interface Run {
 }
 
 /** Sorted chunk indexes as runs of at most `max` adjacent chunks; known-zero chunks stand alone. */
-export function adjacentRuns(chunks: number[], zero: Set<number>, max: number): Run[] {
+function adjacentRuns(chunks: number[], zero: Set<number>, max: number): Run[] {
   const runs: Run[] = [];
   for (const c of chunks) {
     const last = runs[runs.length - 1];

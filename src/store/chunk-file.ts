@@ -114,12 +114,12 @@ export function chunkPath(dir: string, idHex: string): string {
 }
 
 /**
- * Writes a chunk file under a temporary name (`tmpSuffix`, distinct per thread) and renames it
- * into place, so a chunk file is always whole. STORE_FULL when the file system is full.
+ * Writes a chunk file under a temporary name and renames it into place, so a chunk file is
+ * always whole. STORE_FULL when the file system is full.
  */
-export function writeChunkFile(dir: string, idHex: string, sealed: Buffer, tmpSuffix = '.tmp'): void {
+export function writeChunkFile(dir: string, idHex: string, sealed: Buffer): void {
   const f = chunkPath(dir, idHex);
-  const tmp = f + tmpSuffix;
+  const tmp = `${f}.tmp`;
   try {
     fs.writeFileSync(tmp, sealed);
     fs.renameSync(tmp, f);

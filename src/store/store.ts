@@ -229,8 +229,9 @@ export class ChunkStore {
       if (len <= 0) continue;
       sealedChunks++;
       const hex = r.ids.toString('hex', k * 32, k * 32 + 32);
-      // Two workers may seal one new chunk (their runs raced): it is stored once.
-      if (!this.holds(hex) && !fresh.some((f) => f.hex === hex)) fresh.push({ hex, at, len, plain: Math.min(STORE_CHUNK, plainLength - k * STORE_CHUNK) });
+      // The sealer left out what the index holds (it cannot change under the writer lock); two
+      // workers may still seal one new chunk (their runs raced): it is stored once.
+      if (!this.pending.has(hex) && !fresh.some((f) => f.hex === hex)) fresh.push({ hex, at, len, plain: Math.min(STORE_CHUNK, plainLength - k * STORE_CHUNK) });
       at += len;
     }
     if (!fresh.length) return { chunks: 0, bytes: 0 };
