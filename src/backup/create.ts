@@ -179,7 +179,7 @@ async function backupWith(o: BackupOptions, sealer: Sealer, id: string, tm: Timi
           else {
             const plainLength = data.length;
             sealing.push(
-              sealer.storeRun(data).then((r) => {
+              sealer.sealRun(data).then((r) => {
                 r.ids.copy(manifest, run.first * 32);
                 const n = store.adopt(r, plainLength);
                 newBytes += n.bytes;

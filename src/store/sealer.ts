@@ -67,7 +67,7 @@ export class Sealer {
   }
 
   /** Names and seals the chunks of `run` (handed over: do not use it afterwards). */
-  storeRun(run: Buffer): Promise<RunResult> {
+  sealRun(run: Buffer): Promise<RunResult> {
     if (!this.workers.length) {
       try {
         return Promise.resolve(sealRun(this.key, this.chunk, run, this.held));

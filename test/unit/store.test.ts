@@ -47,13 +47,13 @@ describe('chunk store', () => {
     const { sealer, release } = s.sealer(); // the compiled worker is absent under vitest: runs on this thread
     // four chunks: data, zeroes, the same data again, a short last chunk
     const run = Buffer.concat([Buffer.from(block(1)), Buffer.alloc(STORE_CHUNK), Buffer.from(block(1)), Buffer.from(block(2)).subarray(0, 1000)]);
-    const r = await sealer.storeRun(Buffer.from(run));
+    const r = await sealer.sealRun(Buffer.from(run));
     expect([...r.stored].map((x) => Math.sign(x))).toEqual([1, -1, 0, 1]);
     expect(r.ids.subarray(32, 64).equals(ZERO_ID)).toBe(true);
     expect(r.ids.subarray(0, 32).equals(r.ids.subarray(64, 96))).toBe(true);
     expect(s.adopt(r, run.length).chunks).toBe(2);
     expect(s.get(r.ids.subarray(96, 128)).length).toBe(1000); // readable before the commit
-    expect(s.adopt(await sealer.storeRun(Buffer.from(run)), run.length)).toEqual({ chunks: 0, bytes: 0 });
+    expect(s.adopt(await sealer.sealRun(Buffer.from(run)), run.length)).toEqual({ chunks: 0, bytes: 0 });
     expect(fs.readdirSync(path.join(dir, 'packs'))).toHaveLength(1);
     s.abandon();
     expect(fs.readdirSync(path.join(dir, 'packs'))).toEqual([]);
@@ -68,7 +68,7 @@ describe('chunk store', () => {
     const { sealer, release } = s.sealer();
     const manifest = async (seeds: number[]) => {
       const run = Buffer.concat(seeds.map((n) => Buffer.from(block(n))));
-      const r = await sealer.storeRun(Buffer.from(run));
+      const r = await sealer.sealRun(Buffer.from(run));
       s.adopt(r, run.length);
       return r.ids;
     };
