@@ -274,8 +274,11 @@ export async function runFerry(
     result.wireBytesFwd = w.fwd;
     result.wireBytesRev = w.rev;
     result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
-    result.resentPct = view.wire.framesSent ? (100 * view.wire.resentFrames) / view.wire.framesSent : 0;
-    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames`);
+    // Both kinds of re-sending count: frames queued again after their connection died, and copies
+    // of frames presumed lost (transport/session.ts `rescue`).
+    const rescued = view.wire.rescuedFrames ?? 0;
+    result.resentPct = view.wire.framesSent ? (100 * (view.wire.resentFrames + rescued)) / view.wire.framesSent : 0;
+    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames (${view.wire.resentFrames} after a lost connection, ${rescued} copies of frames presumed lost)`);
     const sw = view.result!.switchover ?? {};
     say(`  switchover timeline (ms after the pause): ${JSON.stringify(sw)}; the source guest's last heartbeat came ${sw.pausedAtEpoch! - (view.atSwitchover?.lastHeartbeatAt ?? 0)} ms before the pause`);
     await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: view.final!, atSwitchover: view.atSwitchover, say, contAtEpoch: sw.destContAtEpoch });

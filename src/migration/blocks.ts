@@ -3,6 +3,7 @@
 // destination disk against the source without moving the data. Pure except `groupHashes`, which
 // reads through an NBD client.
 import crypto from 'node:crypto';
+import type { BaseHashes } from './base-hashes.js';
 import type { Extent, NbdClient } from '../nbd/client.js';
 
 /** Bytes per disk record and per hashed chunk. */
@@ -94,28 +95,54 @@ function covered(zero: Range[], off: number, len: number): boolean {
  * Group hashes of a disk read through `nbd`: for each requested group, SHA-256 over the SHA-256
  * of each of its chunks. Chunks inside `knownZero` (base:allocation says they read as zeroes)
  * hash as zeroes without being read. Both ends compute exactly this, so equal hashes mean equal
- * content.
+ * content. With `base`, a group lying entirely in `fromBase` (the overlay's own layer does not
+ * touch it, so it reads as the template does) takes
+ * its hash from the template's cache, or computes it and adds it there (base-hashes.ts).
  */
-export async function groupHashes(nbd: NbdClient, size: number, groups: number[], knownZero: Range[], chunk = CHUNK, group = GROUP): Promise<Buffer[]> {
-  const out: Buffer[] = [];
+export async function groupHashes(nbd: NbdClient, size: number, groups: number[], knownZero: Range[], chunk = CHUNK, group = GROUP, base?: { fromBase: Range[]; cache: BaseHashes }): Promise<Buffer[]> {
   const zero = mergeRanges(knownZero);
-  const DEPTH = 16;
-  for (const g of groups) {
-    const pieces: Range[] = [];
-    for (let c = 0; c < group; c++) {
-      const off = (g * group + c) * chunk;
-      if (off >= size) break;
-      pieces.push({ offset: off, length: Math.min(chunk, size - off) });
-    }
+  const fromBase = base ? mergeRanges(base.fromBase) : [];
+  const one = async (g: number): Promise<Buffer> => {
+    const start = g * group * chunk;
+    const cached = base && start < size && covered(fromBase, start, Math.min(group * chunk, size - start));
+    const known = cached ? base.cache.get(g) : undefined;
+    if (known) return known;
+    // Chunks not known to be zero, read as runs of adjacent chunks (one NBD read each).
     const hashes: Buffer[] = [];
-    for (let i = 0; i < pieces.length; i += DEPTH) {
-      const batch = pieces.slice(i, i + DEPTH);
-      const datas = await Promise.all(batch.map((p) => (covered(zero, p.offset, p.length) ? null : nbd.read(p.offset, p.length))));
-      datas.forEach((d, k) => hashes.push(d ? crypto.createHash('sha256').update(d).digest() : zeroHash(batch[k]!.length)));
+    const runs: { first: number; offset: number; length: number }[] = [];
+    for (let c = 0; c < group; c++) {
+      const off = start + c * chunk;
+      if (off >= size) break;
+      const len = Math.min(chunk, size - off);
+      if (covered(zero, off, len)) {
+        hashes.push(zeroHash(len));
+        continue;
+      }
+      hashes.push(EMPTY);
+      const last = runs[runs.length - 1];
+      if (last && last.offset + last.length === off) last.length += len;
+      else runs.push({ first: c, offset: off, length: len });
     }
-    out.push(crypto.createHash('sha256').update(Buffer.concat(hashes)).digest());
-  }
+    await Promise.all(
+      runs.map(async (r) => {
+        const data = await nbd.read(r.offset, r.length);
+        for (let o = 0, c = r.first; o < r.length; o += chunk, c++) hashes[c] = crypto.createHash('sha256').update(data.subarray(o, Math.min(o + chunk, r.length))).digest();
+      }),
+    );
+    const h = crypto.createHash('sha256').update(Buffer.concat(hashes)).digest();
+    if (cached) base.cache.set(g, h);
+    return h;
+  };
+  // Several groups in flight: the reads of one overlap the hashing of another.
+  const out = new Array<Buffer>(groups.length);
+  let next = 0;
+  const lane = async () => {
+    for (let i = next++; i < groups.length; i = next++) out[i] = await one(groups[i]!);
+  };
+  await Promise.all(Array.from({ length: Math.max(4, Math.ceil(16 / group)) }, lane));
   return out;
 }
+
+const EMPTY = Buffer.alloc(0);
 
 export const sha256 = (b: Buffer) => crypto.createHash('sha256').update(b).digest();

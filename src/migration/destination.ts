@@ -20,7 +20,7 @@ import { DiskReceiver } from './disk-dest.js';
 import type { DestPhase, Journal } from './journal.js';
 import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
-import { differingGroups, hashRam, RAM_GROUP, warmUp, writeGroup } from './ram-verify.js';
+import { differingGroups, hashRam, RAM_GROUP, RAM_HASH, warmUp, writeGroup } from './ram-verify.js';
 import { connectToQemu, type RamSink } from './ram-pipe.js';
 
 export interface DestHost {
@@ -185,8 +185,8 @@ export class DestinationMigration {
       const sock = this.host.nbdSocket(this.spec);
       await nbdServerStart(r.inst.qmp, sock);
       for (let i = 0; i < this.spec.disks.length; i++) {
-        await exportAdd(r.inst.qmp, { id: `fm-disk${i}`, node: `disk${i}`, name: `disk${i}`, writable: true });
-        this.nbds.push(await NbdClient.connect({ path: sock }, `disk${i}`, ['base:allocation']));
+        await exportAdd(r.inst.qmp, { id: `fm-disk${i}`, node: `disk${i}`, name: `disk${i}`, writable: true, allocationDepth: true });
+        this.nbds.push(await NbdClient.connect({ path: sock }, `disk${i}`, ['base:allocation', 'qemu:allocation-depth']));
       }
       // Tell the source which 64 KiB blocks this host already holds (its templates, and the
       // newest backup of this VM in its chunk store): any disk block with that content crosses
@@ -203,7 +203,7 @@ export class DestinationMigration {
         });
         this.peer.session.advertise(idxs.flatMap((i) => i.hashes()));
       }
-      this.receiver = new DiskReceiver(this.nbds, this.peer);
+      this.receiver = new DiskReceiver(this.nbds, this.peer, this.spec.disks.map((d) => d.backing));
       this.receiver.onError = (e) => void this.fail(`disk write failed: ${e.message}`);
       this.journal('receiving');
       await this.peer.reply(m, { t: 'prepared', disks: this.spec.disks.map((d, i) => ({ id: d.id, sizeBytes: d.sizeBytes, base: r.bases[i]! })) });
@@ -244,6 +244,7 @@ export class DestinationMigration {
       throw new FerryError('VERIFY_FAILED', `the RAM stream differs: the source's QEMU wrote ${e.bytes} bytes (sha256 ${e.sha256.slice(0, 16)}…), this QEMU was fed ${got.bytes} (${got.sha256.slice(0, 16)}…)`);
     }
     if (!e.groups) return; // the source's guest RAM is not file-backed: nothing to compare
+    if (e.groupHash !== RAM_HASH) throw new FerryError('TRANSPORT_PROTOCOL', `the source hashes guest RAM with ${e.groupHash ?? 'SHA-256'}, this agent with ${RAM_HASH}`);
     const file = this.host.ramFile(this.spec);
     const want = Buffer.from(e.groups, 'base64');
     const bytes = this.spec.memoryMiB * 2 ** 20;
@@ -290,6 +291,10 @@ export class DestinationMigration {
       if (bad) throw new FerryError('VERIFY_FAILED', `${bad} block(s) of the final disk delta did not verify`);
       t.diskVerifiedAt = Date.now();
       const qmp = this.inst!.qmp;
+      // Integrity bookkeeping for the benchmark: what the guest writes once it runs here. Every
+      // write of the migration itself is in and verified, and the guest is paused: add it now,
+      // off the pause's critical path (RAM is still arriving).
+      for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
       for (;;) {
         const st = await queryMigrate(qmp);
         if (st.status === 'completed') break;
@@ -299,11 +304,10 @@ export class DestinationMigration {
         await sleep(10);
       }
       t.ramCompletedAt = Date.now();
+      t.ramLastBytesAt = this.ram?.lastWriteAt() ?? 0;
       await this.checkRam();
       t.ramCheckedAt = Date.now();
       t.ramRepairedMiB = this.ramRepairedGroups;
-      // Integrity bookkeeping for the benchmark: what the guest writes from now on.
-      for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
       this.journal('running');
       await cont(qmp);
       const at = Date.now();

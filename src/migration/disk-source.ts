@@ -14,6 +14,7 @@ import { FerryError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
 import type { QmpClient } from '../qemu/qmp.js';
+import { BaseHashes } from './base-hashes.js';
 import { CHUNK, GROUP, groupCount, groupHashes, groupRanges, isZero, mergeRanges, select, sha256, splitAligned, totalBytes, type Range } from './blocks.js';
 import type { Peer } from './peer.js';
 import { CH, encodeRecord, RECORD_FINAL, RecordKind, type Control, type PreparedDisk } from './protocol.js';
@@ -23,6 +24,8 @@ export interface SourceDisk {
   node: string;
   size: number;
   base: PreparedDisk['base'];
+  /** this host's template the disk is an overlay on (its group hashes are cached) */
+  backing?: string;
 }
 
 export interface DiskStats {
@@ -55,6 +58,8 @@ export class DiskSender {
   private badRounds = 0;
   /** where the final round's time went (ms from its start), for the switchover report */
   readonly finalTimings: Record<string, number> = {};
+  /** whole-disk verification: ms hashing here, and ms waiting for the peer's hashes after that */
+  readonly verifyTimings = { hashMs: 0, waitMs: 0 };
 
   constructor(
     private readonly qmp: QmpClient,
@@ -282,15 +287,22 @@ export class DiskSender {
     const all = pick ?? Array.from({ length: groupCount(d.size, CHUNK, group) }, (_, i) => i);
     const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group, ...(pick ? { groups: pick } : {}) } });
     remote.catch(() => {}); // awaited below; a local failure first must not leave it unhandled
-    const c = await this.open(d, ['base:allocation']);
+    const t0 = Date.now();
+    const cache = d.backing && group === GROUP ? BaseHashes.for(d.backing, CHUNK, GROUP) : null;
+    const c = await this.open(d, cache ? ['base:allocation', 'qemu:allocation-depth'] : ['base:allocation']);
     let mine: Buffer[];
     try {
       const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
-      mine = await groupHashes(c, d.size, all, zero, CHUNK, group);
+      const base = cache ? { cache, fromBase: select(await c.map('qemu:allocation-depth'), (f) => f !== 1) } : undefined;
+      mine = await groupHashes(c, d.size, all, zero, CHUNK, group, base);
     } finally {
       await this.close(d, c);
     }
+    cache?.save();
+    const t1 = Date.now();
     const theirs = await remote;
+    this.verifyTimings.hashMs += t1 - t0;
+    this.verifyTimings.waitMs += Date.now() - t1;
     const hb = Buffer.from(theirs.hashes, 'base64');
     if (theirs.groups.length !== all.length || hb.length !== 32 * all.length) throw new FerryError('TRANSPORT_PROTOCOL', 'migration: hash list of the wrong length');
     const out: number[] = [];

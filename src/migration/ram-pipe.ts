@@ -1,14 +1,15 @@
 // Why this file exists: QEMU's RAM migration stream, carried by Ferry's transport instead of a
 // TCP connection QEMU would open itself. The source agent listens on a unix socket QEMU migrates
-// to (`migrate unix:…`) and forwards every byte on the RAM channel, reading from QEMU only as
-// fast as the transport accepts (so QEMU sees the real drain rate). The destination agent
+// to (`migrate unix:…`) and forwards every byte on the RAM channel. The destination agent
 // connects to its QEMU's `migrate-incoming unix:…` socket and writes the channel's bytes into it.
 //
-// The source reads QEMU's stream as it comes and spools what the transport has not taken yet
-// (bounded: QEMU's max-bandwidth is paced by this backlog plus the transport's queue). QEMU's
-// migration thread must not sit blocked in write() on a full socket: under TCG, QEMU 7.2's RAM
-// pre-copy diverged (guest pages stale at the destination, the stream itself intact) after its
-// thread was held that way through a link outage — see docs/benchmarks.md.
+// Pacing is backpressure: while the transport holds more than the gate's target (unacknowledged
+// bytes plus the spool), the source stops reading QEMU's socket and QEMU's migration thread
+// blocks in write(), as it would on a slow TCP connection. So QEMU's own bandwidth estimate is
+// what the link drains after compression, whatever the pages compress to, and what is queued
+// when QEMU pauses the guest (it crosses during the pause) stays bounded. While the link is down
+// the gate opens instead: QEMU is held to a trickle by max-bandwidth (source.ts) and its stream
+// goes to the spool, so its thread does not sit blocked through an outage.
 // The stream gets the transport's compression, multi-stream striping and resumption for free.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -25,12 +26,22 @@ export interface RamSource {
   digest(): string;
   /** resolves when QEMU closed the stream and every byte was queued */
   ended: Promise<void>;
+  /** stops pacing (the guest is paused: QEMU's last bytes should be read at once) */
+  ungate(): void;
   close(): void;
 }
 
 const SPOOL_MAX = 256 * 2 ** 20;
 
-export async function listenForQemu(sockPath: string, session: Session): Promise<RamSource> {
+/** When the source stops reading QEMU's stream (see the header). */
+export interface RamGate {
+  /** queued bytes (transport unacknowledged + spool) above which reading stops */
+  target(): number;
+  /** the link is down and QEMU is held to a trickle: read (spool) regardless of the queue */
+  open(): boolean;
+}
+
+export async function listenForQemu(sockPath: string, session: Session, gate?: RamGate): Promise<RamSource> {
   fs.rmSync(sockPath, { force: true });
   let bytes = 0;
   const hash = crypto.createHash('sha256');
@@ -43,9 +54,17 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
   let pumping = false;
   let conn: net.Socket | undefined;
   const finish = () => {
+    clearInterval(poll);
     digest = hash.digest('hex');
     endResolve();
   };
+  let gated = gate !== undefined;
+  const hold = () => backlog > SPOOL_MAX || (gated && !gate!.open() && session.unackedPayload + backlog > gate!.target());
+  // Acknowledgements free the queue without an event here: look every few ms.
+  const poll = setInterval(() => {
+    if (conn?.isPaused() && backlog < SPOOL_MAX / 2 && !hold()) conn.resume();
+  }, 4);
+  poll.unref();
   // Hands the spool to the transport in order; one pump at a time.
   const pump = async () => {
     if (pumping) return;
@@ -53,11 +72,10 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
     try {
       while (spool.length) {
         const d = spool[0]!;
-        await session.send(CH.RAM, d);
+        await session.send(CH.RAM, d, { dedup: false }); // stream cuts never repeat
         spool.shift();
         backlog -= d.length;
         bytes += d.length;
-        if (conn?.isPaused() && backlog < SPOOL_MAX / 2) conn.resume();
       }
     } catch {
       conn?.destroy();
@@ -76,7 +94,7 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
       hash.update(d);
       spool.push(d);
       backlog += d.length;
-      if (backlog > SPOOL_MAX) c.pause(); // a last resort; pacing keeps the backlog far below
+      if (hold()) c.pause();
       void pump();
     });
     c.on('close', () => {
@@ -95,7 +113,12 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
     backlog: () => backlog,
     digest: () => digest,
     ended,
+    ungate: () => {
+      gated = false;
+      if (conn?.isPaused() && backlog < SPOOL_MAX / 2) conn.resume();
+    },
     close: () => {
+      clearInterval(poll);
       conn?.destroy();
       server.close();
       fs.rmSync(sockPath, { force: true });
@@ -106,6 +129,8 @@ export async function listenForQemu(sockPath: string, session: Session): Promise
 export interface RamSink {
   write(b: Buffer): void;
   bytes(): number;
+  /** when the last bytes were written (Date.now()), for the switchover timeline */
+  lastWriteAt(): number;
   /** SHA-256 (hex) of every byte written so far */
   digest(): string;
   close(): void;
@@ -115,16 +140,19 @@ export interface RamSink {
 export function connectToQemu(sockPath: string): Promise<RamSink> {
   return new Promise((resolve, reject) => {
     let bytes = 0;
+    let lastAt = 0;
     const hash = crypto.createHash('sha256');
     const c = net.connect(sockPath);
     c.once('connect', () =>
       resolve({
         write: (b) => {
           bytes += b.length;
+          lastAt = Date.now();
           hash.update(b);
           c.write(b);
         },
         bytes: () => bytes,
+        lastWriteAt: () => lastAt,
         digest: () => hash.copy().digest('hex'),
         close: () => c.destroy(),
       }),

@@ -22,13 +22,16 @@ import type { GuestStats } from '../qemu/serial.js';
 import type { Session } from '../transport/session.js';
 import { sleep } from '../util/wait.js';
 import type { VmSpec } from '../vm/spec.js';
-import { decide, paceRam, queueTarget, type ConvergeDecision } from './converge.js';
+import { decide, queueTarget, RAM_RATE_LINK_DOWN, RAM_RATE_OPEN, type ConvergeDecision } from './converge.js';
 import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
-import { hashRam, readGroup, warmUp } from './ram-verify.js';
+import { hashRam, RAM_HASH, readGroup, warmUp } from './ram-verify.js';
 import { listenForQemu, type RamSource } from './ram-pipe.js';
+
+/** FERRY_DEBUG_MIGRATE=FILE: the RAM phase's QEMU figures and the queue, one JSON line per poll */
+const DEBUG = process.env.FERRY_DEBUG_MIGRATE;
 
 export interface MigrateOptions {
   /** trusted host name and its transport URL (ferry://host:port) */
@@ -73,7 +76,7 @@ export interface MigrationView {
   error?: { code: string; message: string };
   disk: DiskStats & { total: number };
   ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
-  wire: { sentBytes: number; framesSent: number; resentFrames: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
+  wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
   ioThrottleBps: number;
@@ -83,6 +86,8 @@ export interface MigrationView {
   /** source guest probes when QEMU paused it, and at the end (for the benchmark) */
   atSwitchover: GuestStats | null;
   final: GuestStats | null;
+  /** ms from the start at which each step began (where a migration's time went) */
+  marks: Record<string, number>;
 }
 
 export class SourceMigration {
@@ -101,12 +106,17 @@ export class SourceMigration {
     this.view = {
       id: this.id, vm: vmName, role: 'source', to: o.to, phase: 'begin', startedAt: this.t0,
       disk: { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, initialBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0, total: 0 },
-      ram: null, wire: { sentBytes: 0, framesSent: 0, resentFrames: 0, refFrames: 0, zeroFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
-      etaSec: null, predictedDowntimeMs: null, ioThrottleBps: 0, note: '', verify: null, atSwitchover: null, final: null,
+      ram: null, wire: { sentBytes: 0, framesSent: 0, resentFrames: 0, rescuedFrames: 0, refFrames: 0, zeroFrames: 0, linkBytesPerSec: 0, drainBytesPerSec: 0, stalls: 0, connections: 0, rttMs: 0 },
+      etaSec: null, predictedDowntimeMs: null, ioThrottleBps: 0, note: '', verify: null, atSwitchover: null, final: null, marks: {},
     };
   }
 
+  private mark(step: string): void {
+    this.view.marks[step] ??= Date.now() - this.t0;
+  }
+
   private phase(p: SourcePhase, error?: string): void {
+    this.mark(p);
     this.view.phase = p;
     this.host.journal.source(this.id, this.vmName, this.o.to, p, { to: this.o.to, url: this.o.url, ...(error ? { error } : {}) });
   }
@@ -177,7 +187,7 @@ export class SourceMigration {
     this.phase('prepare');
     const prep = await this.peer.request<Extract<Control, { t: 'prepared' }>>({ t: 'prepare', id: this.id }, 120_000);
     this.check();
-    const disks: SourceDisk[] = prep.disks.map((d: PreparedDisk, index) => ({ index, node: `disk${index}`, size: d.sizeBytes, base: d.base }));
+    const disks: SourceDisk[] = prep.disks.map((d: PreparedDisk, index) => ({ index, node: `disk${index}`, size: d.sizeBytes, base: d.base, ...(spec.disks[index]?.backing ? { backing: spec.disks[index]!.backing } : {}) }));
     this.view.disk.total = disks.reduce((a, d) => a + d.size, 0);
 
     // ── Perform: disk ──
@@ -185,6 +195,7 @@ export class SourceMigration {
     const sender = (this.sender = new DiskSender(qmp, this.peer, this.id, disks, this.host.nbdSocket(spec)));
     await sender.start();
     await sender.initialRound(() => this.sample());
+    this.mark('round0-done');
     this.check();
     let verified = false;
     for (;;) {
@@ -193,7 +204,11 @@ export class SourceMigration {
       const d = await this.control(qmp);
       await this.applyThrottle(qmp, spec, d.ioThrottleBps);
       if (!verified && d.startRam) {
+        this.mark('verify');
         const v = await sender.verify(this.o.verify === 'sample' ? 0.05 : undefined);
+        this.mark('verified');
+        this.view.marks['verify.hashMs'] = sender.verifyTimings.hashMs;
+        this.view.marks['verify.waitMs'] = sender.verifyTimings.waitMs;
         this.view.verify = { mode: this.o.verify, ...v };
         verified = true;
         continue;
@@ -208,7 +223,15 @@ export class SourceMigration {
     // compared (and repaired) end to end at the switchover, which QEMU 7.2 under TCG needs
     // (docs/benchmarks.md, "Known issue").
     const ramSock = this.host.ramSocket(spec);
-    this.ramSrc = await listenForQemu(ramSock, this.session);
+    // Backpressure paces QEMU (ram-pipe.ts); while the link is down QEMU trickles into the spool.
+    const session = this.session;
+    let linkDown = false;
+    let firstPass = true;
+    const gate = {
+      target: () => queueTarget({ drainBytesPerSec: Math.max(this.linkRate, session.drainRate()), rttMs: session.stats.minRttMs || 50, window: session.window(), firstPass }),
+      open: () => linkDown,
+    };
+    this.ramSrc = await listenForQemu(ramSock, session, gate);
     const caps = { xbzrle: this.o.xbzrle, autoConverge: true };
     const params = this.ramParams(this.decision!);
     await ramCapabilities(qmp, caps);
@@ -244,24 +267,31 @@ export class SourceMigration {
       }
     })();
     let lastParams = 0;
-    let lastPace = 0;
-    let bandwidth = params['max-bandwidth']!;
     let st: RamStatus;
     try {
       for (;;) {
         st = pausedAt ? { ...(await queryMigrate(qmp)), status: 'pre-switchover' } : await queryMigrate(qmp);
         this.view.ram = { transferred: st.transferred, remaining: st.remaining, total: st.total, dirtyBytesPerSec: st.dirtyPagesRate * st.pageSize, cpuThrottle: st.cpuThrottle, streamBytes: this.ramSrc.bytes() };
         if (st.status === 'pre-switchover') break;
+        firstPass = st.dirtySyncCount < 2;
+        if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, sync: st.dirtySyncCount, rem: st.remaining, mbps: Math.round(st.mbps), exp: st.expectedDowntimeMs, thr: st.cpuThrottle, dirty: st.dirtyPagesRate, q: session.unackedPayload + this.ramSrc.backlog(), drain: Math.round(session.drainRate()) })}\n`);
+        if (!firstPass) this.mark('ram-first-pass-done');
         if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `QEMU's RAM migration ${st.status}: ${st.error ?? ''}`);
         this.check();
-        if (Date.now() - lastPace > 250) {
-          lastPace = Date.now();
-          const next = paceRam(bandwidth, this.session.unackedPayload + this.ramSrc.backlog(), queueTarget({ window: this.session.window(), drainBytesPerSec: Math.max(this.linkRate, this.session.drainRate()), rttMs: this.session.stats.minRttMs }));
-          if (Math.abs(next - bandwidth) > bandwidth * 0.1) await ramParameters(qmp, { 'max-bandwidth': (bandwidth = next) });
+        // The link is down when nothing was acknowledged for a second: trickle first, then spool.
+        const down = !session.draining(1000);
+        if (down !== linkDown) {
+          if (down) {
+            await ramParameters(qmp, { 'max-bandwidth': RAM_RATE_LINK_DOWN });
+            linkDown = true;
+          } else {
+            linkDown = false;
+            await ramParameters(qmp, { 'max-bandwidth': RAM_RATE_OPEN });
+          }
         }
         if (Date.now() - lastParams > 1000) {
           lastParams = Date.now();
-          const d = await this.control(qmp, (Date.now() - ramT0) / 1000);
+          const d = await this.control(qmp, (Date.now() - ramT0) / 1000, { queueBytes: gate.target(), linkDown });
           await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
           await this.applyThrottle(qmp, spec, d.ioThrottleBps);
         }
@@ -279,18 +309,19 @@ export class SourceMigration {
     if (!pausedAt) pausedAt = Date.now();
     stopDisk = true;
     const timings: Record<string, number> = { pausedAt, detectedAt: Date.now() };
+    // What was queued when QEMU paused the guest crosses during the pause, before the last pages.
+    const queuedAtPause = session.unackedPayload + this.ramSrc.backlog();
+    const wireAtPause = session.stats.wireBytesSent;
+    const streamAtPause = this.ramSrc.bytes() + this.ramSrc.backlog();
     this.phase('switchover');
     timings.journaledAt = Date.now();
-    // Guest RAM no longer changes: hash it now, on worker threads, while the final round runs.
-    const ramFile = this.host.ramFile(spec);
-    const ramHashes = fs.existsSync(ramFile) ? hashRam(ramFile, spec.memoryMiB * 2 ** 20) : Promise.resolve(undefined);
-    ramHashes.catch(() => {});
     this.view.atSwitchover = this.host.guestStats(this.vmName);
     await diskLoop;
     timings.diskLoopDoneAt = Date.now();
     const { barrier: finalN, sent: finalBytes } = await sender.dirtyRound(() => {}, true);
     timings.finalReadAt = Date.now();
     await sender.release(); // every read is done: nothing may hold the disks when QEMU inactivates them
+    this.ramSrc!.ungate();
     await this.peer.send({ t: 'final', n: finalN });
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
     await migrateContinue(qmp);
@@ -298,10 +329,17 @@ export class SourceMigration {
     // The RAM stream is checked end to end: the destination compares it before it runs the VM.
     const ramSrc = this.ramSrc!;
     await Promise.race([ramSrc.ended, outcome]);
+    timings.ramEndedAt = Date.now();
+    const wireAtRamEnd = session.stats.wireBytesSent;
     if (ramSrc.digest()) {
-      const groups = await ramHashes.catch(() => undefined);
+      // Guest RAM no longer changes. It is hashed only now: the destination needs the hashes
+      // once it has loaded the stream, and until QEMU's last pages are read and sent, the cores
+      // belong to that (measured on wan-10 with hashing from the pause on: QEMU's last 17 MB took
+      // 190 ms to leave).
+      const ramFile = this.host.ramFile(spec);
+      const groups = fs.existsSync(ramFile) ? await hashRam(ramFile, spec.memoryMiB * 2 ** 20).catch(() => undefined) : undefined;
       timings.ramHashedAt = Date.now();
-      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64') } : {}) });
+      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) });
     }
     const answer = await outcome;
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
@@ -317,7 +355,7 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});
@@ -326,11 +364,11 @@ export class SourceMigration {
   }
 
   private ramParams(d: ConvergeDecision): Record<string, number> {
-    return { 'downtime-limit': d.downtimeLimitMs, 'max-bandwidth': d.maxBandwidth, 'throttle-trigger-threshold': d.throttleTrigger };
+    return { 'downtime-limit': d.downtimeLimitMs, 'max-bandwidth': RAM_RATE_OPEN, 'throttle-trigger-threshold': d.throttleTrigger };
   }
 
   /** Feeds the controller with what was measured; keeps its decision for the view. */
-  private async control(qmp: QemuInstance['qmp'], secondsInRam?: number): Promise<ConvergeDecision> {
+  private async control(qmp: QemuInstance['qmp'], secondsInRam?: number, pacing?: { queueBytes: number; linkDown: boolean }): Promise<ConvergeDecision> {
     const s = this.session!;
     const st = s.stats;
     const ratio = (ch: number) => {
@@ -348,6 +386,7 @@ export class SourceMigration {
       diskLastDirtyBytes: this.sender!.stats.lastDirtyBytes,
       rounds: this.sender!.stats.round,
       ...(ram ? { ram: { remaining: ram.remaining, dirtyBytesPerSec: ram.dirtyPagesRate * ram.pageSize, secondsInRam: secondsInRam! } } : {}),
+      ...(pacing ? { queueBytes: pacing.queueBytes, ...(pacing.linkDown ? {} : { drainNowBytesPerSec: s.drainRate() }) } : {}),
     });
     this.decision = d;
     this.view.predictedDowntimeMs = d.predictedDowntimeMs;
@@ -369,7 +408,7 @@ export class SourceMigration {
     const drain = s.drainRate();
     // The link's capacity: the best drain seen while the window was full (bulk copy).
     if (this.view.phase === 'disk' && drain > this.linkRate) this.linkRate = drain;
-    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
+    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, rescuedFrames: s.stats.framesRescued, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
     const disk = this.view.disk;
     const rate = Math.max(this.linkRate, drain, 1);
     const diskRatio = s.stats.channels[3] && s.stats.channels[3].reduced ? s.stats.channels[3].raw / s.stats.channels[3].reduced : 1;

@@ -78,6 +78,10 @@ export interface RamStatus {
   /** pages/s the guest dirties */
   dirtyPagesRate: number;
   pageSize: number;
+  /** dirty-bitmap syncs so far: 1 during the first pass over RAM, then one per iteration */
+  dirtySyncCount: number;
+  /** QEMU's measured stream rate, Mbit/s (what its switchover decision uses) */
+  mbps: number;
   /** QEMU's own estimate (ms) of the downtime if it switched now */
   expectedDowntimeMs?: number;
   downtimeMs?: number;
@@ -88,7 +92,7 @@ export interface RamStatus {
 export async function queryMigrate(qmp: QmpClient): Promise<RamStatus> {
   const q = await qmp.execute<{
     status?: string;
-    ram?: { transferred: number; remaining: number; total: number; 'dirty-pages-rate'?: number; 'page-size'?: number };
+    ram?: { transferred: number; remaining: number; total: number; 'dirty-pages-rate'?: number; 'page-size'?: number; 'dirty-sync-count'?: number; mbps?: number };
     'expected-downtime'?: number;
     downtime?: number;
     'cpu-throttle-percentage'?: number;
@@ -101,6 +105,8 @@ export async function queryMigrate(qmp: QmpClient): Promise<RamStatus> {
     total: q.ram?.total ?? 0,
     dirtyPagesRate: q.ram?.['dirty-pages-rate'] ?? 0,
     pageSize: q.ram?.['page-size'] ?? 4096,
+    dirtySyncCount: q.ram?.['dirty-sync-count'] ?? 0,
+    mbps: q.ram?.mbps ?? 0,
     ...(q['expected-downtime'] !== undefined ? { expectedDowntimeMs: q['expected-downtime'] } : {}),
     ...(q.downtime !== undefined ? { downtimeMs: q.downtime } : {}),
     cpuThrottle: q['cpu-throttle-percentage'] ?? 0,

@@ -53,6 +53,8 @@ export interface SessionStats {
   rttMs: number;
   /** smallest ping RTT seen: the path's own delay, without our queues */
   minRttMs: number;
+  /** frames copied to another connection because frames sent after them were acked first */
+  framesRescued: number;
   /** per channel: raw message bytes handed to send(), and their reduced (wire payload) bytes */
   channels: Record<number, { raw: number; reduced: number }>;
 }
@@ -62,6 +64,10 @@ interface Outgoing {
   size: number;
   conn: Conn | null;
   sentOnce: boolean;
+  /** performance.now() when last written to a connection */
+  sentAt: number;
+  /** a copy went out on another connection because later frames were acknowledged first */
+  rescued: boolean;
 }
 
 class Conn {
@@ -84,7 +90,7 @@ const SUSPECT_MS = 3500;
 
 export class Session extends EventEmitter {
   state: 'open' | 'stalled' | 'closed' = 'stalled';
-  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, channels: {} };
+  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, framesRescued: 0, channels: {} };
   private readonly conns = new Set<Conn>();
   private nextSeq = 1n;
   private readonly unacked = new Map<bigint, Outgoing>();
@@ -106,6 +112,9 @@ export class Session extends EventEmitter {
   private ackRate = 0;
   private ackedSince = 0;
   private ackSampleAt = performance.now();
+  private lastAckAt = performance.now();
+  /** send time of the latest-sent frame known to have arrived (for `rescue`) */
+  private ackedSentAt = 0;
 
   private readonly ownLimit: TokenBucket | undefined;
 
@@ -149,8 +158,12 @@ export class Session extends EventEmitter {
     return this.conns.size;
   }
 
-  /** Queues one message; resolves once it is inside the window (backpressure). */
-  async send(channel: number, msg: Buffer): Promise<void> {
+  /**
+   * Queues one message; resolves once it is inside the window (backpressure). `dedup: false`
+   * skips the content cache for a stream whose messages never repeat (a byte stream cut at
+   * arbitrary offsets): no hashing, and no cache memory on either end.
+   */
+  async send(channel: number, msg: Buffer, o: { dedup?: boolean } = {}): Promise<void> {
     if (this.state === 'closed') throw new FerryError('TRANSPORT_CLOSED', 'transport session is closed');
     // One message is one frame: refuse it here, before it takes a sequence number the peer would
     // wait for forever.
@@ -159,12 +172,13 @@ export class Session extends EventEmitter {
       await new Promise<void>((r) => this.windowWaiters.push(r));
       if (this.isClosed()) throw new FerryError('TRANSPORT_CLOSED', 'transport session closed while sending');
     }
-    const r = reduce(msg, { ...this.opts.reduce, level: this.compressionLevel() }, this.peerCache);
+    const r = reduce(msg, { ...this.opts.reduce, level: this.compressionLevel(), ...(o.dedup === false ? { dedup: false } : {}) }, this.peerCache);
     const seq = this.nextSeq++;
     const cseq = this.chanNextTx.get(channel) ?? 1n;
     this.chanNextTx.set(channel, cseq + 1n);
     const frame: Frame = { type: FrameType.DATA, channel, flags: r.flags, seq, ack: 0n, cseq, payload: r.payload };
-    this.unacked.set(seq, { frame, size: r.payload.length, conn: null, sentOnce: false });
+    this.unacked.set(seq, { frame, size: r.payload.length, conn: null, sentOnce: false, sentAt: 0, rescued: false });
+    if (this.unackedBytes === 0) this.lastAckAt = performance.now(); // progress is timed from here
     this.unackedBytes += r.payload.length;
     this.stats.messagesSent++;
     this.stats.payloadBytesSent += msg.length;
@@ -210,6 +224,15 @@ export class Session extends EventEmitter {
   /** Acknowledged wire bytes per second (EWMA over ~1 s samples): what the path drains now. */
   drainRate(): number {
     return this.ackRate;
+  }
+
+  /**
+   * True when bytes are outstanding and the peer acknowledged nothing for `ms`: the link is down
+   * (a blackholed path keeps its connections open until the idle timeout) or the session stalled.
+   */
+  draining(ms = 1000): boolean {
+    if (this.state !== 'open') return false;
+    return this.unackedBytes === 0 || performance.now() - this.lastAckAt < ms;
   }
 
   /** Bytes handed to send() and not yet acknowledged (reduced size). */
@@ -363,6 +386,8 @@ export class Session extends EventEmitter {
       c.inflightBytes += o.size;
       if (o.sentOnce) this.stats.framesResent++;
       o.sentOnce = true;
+      o.sentAt = performance.now();
+      o.rescued = false;
       this.stats.framesSent++;
       this.write(c, { ...o.frame, ack: this.received });
     }
@@ -398,6 +423,7 @@ export class Session extends EventEmitter {
           if (f.payload.length % 8) return this.refuse(c, 'ACK payload is not a list of u64 seqs');
           for (let i = 0; i < f.payload.length; i += 8) this.ackOne(f.payload.readBigUInt64BE(i));
           if (f.payload.length) this.wakeWindow();
+          this.rescue();
           break;
         case FrameType.HAVE:
           if (f.payload.length % 32) return this.refuse(c, 'HAVE payload is not a list of 32-byte hashes');
@@ -478,6 +504,8 @@ export class Session extends EventEmitter {
     }
     this.ackedSince += o.size;
     const now = performance.now();
+    this.lastAckAt = now;
+    if (o.sentAt > this.ackedSentAt) this.ackedSentAt = o.sentAt;
     if (now - this.ackSampleAt >= 500) {
       const rate = (this.ackedSince * 1000) / (now - this.ackSampleAt);
       this.ackRate = this.ackRate ? this.ackRate * 0.7 + rate * 0.3 : rate;
@@ -485,6 +513,39 @@ export class Session extends EventEmitter {
       this.ackSampleAt = now;
     }
     return true;
+  }
+
+  /**
+   * Loss recovery across connections (RACK-like). A frame still unacknowledged although frames
+   * written after it, on other connections, arrived a while ago was most likely lost in its TCP
+   * connection, which will retransmit it only after its own recovery (on a thin, lossy flow often
+   * a retransmission timeout of 200 ms or more). Until then every later frame of its channel
+   * waits at the receiver. So a copy goes out once on the least loaded other connection; the
+   * receiver drops whichever arrives second. Costs about the loss rate in extra bytes; shortens
+   * the stall at the end of every burst (the switchover's last pages).
+   * Only while the queue is shallow (at most a bandwidth-delay product, 128 KiB at least): a
+   * frame's send time is when it entered its connection's kernel buffer, and with deep buffers a
+   * frame behind more bytes is overtaken by later ones without being lost (measured on wan-10
+   * during the bulk disk copy: half the wire went to needless copies).
+   */
+  private rescue(): void {
+    if (this.conns.size < 2 || !this.ackedSentAt) return;
+    const now = performance.now();
+    const rtt = Math.max(this.stats.minRttMs, 1);
+    if (this.unackedBytes > Math.max(128 * 1024, (this.ackRate * rtt) / 1000)) return;
+    const before = this.ackedSentAt - Math.max(20, rtt / 4);
+    for (const o of this.unacked.values()) {
+      if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < rtt) continue;
+      let to: Conn | null = null;
+      for (const c of this.conns) {
+        if (c === o.conn || now - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
+        if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
+      }
+      if (!to) return;
+      o.rescued = true;
+      this.stats.framesRescued++;
+      this.write(to, { ...o.frame, ack: this.received });
+    }
   }
 
   private wakeWindow(): void {

@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import crypto from 'node:crypto';
 import { progressLine } from '../../src/cli/migrate.js';
-import { decide, paceRam, queueTarget } from '../../src/migration/converge.js';
+import { decide, queueTarget } from '../../src/migration/converge.js';
 import type { MigrationView } from '../../src/migration/source.js';
 import { groupCount, groupHashes, groupRanges, isZero, mergeRanges, splitAligned, CHUNK } from '../../src/migration/blocks.js';
 import { decodeControl, decodeRecord, encodeControl, encodeRecord, HEADER_BYTES, RecordKind } from '../../src/migration/protocol.js';
@@ -70,6 +70,40 @@ describe('block arithmetic', () => {
     expect(c[1]).not.toEqual(a[1]);
     expect(c[2]).toEqual(a[2]);
   });
+
+  it('takes the hash of a group that reads from the template from the template cache, until the template changes', async () => {
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { BaseHashes } = await import('../../src/migration/base-hashes.js');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ghash-'));
+    const template = path.join(dir, 'tpl.qcow2');
+    fs.writeFileSync(template, 'template');
+    const size = 48 * CHUNK;
+    const disk = crypto.randomBytes(size);
+    const reads: number[] = [];
+    const fake = { read: async (o: number, l: number) => (reads.push(o), Buffer.from(disk.subarray(o, o + l))) } as unknown as NbdClient;
+    // Groups 0 and 2 read from the template (or from nowhere); group 1 has a chunk in the overlay.
+    const fromBase = [{ offset: 0, length: 17 * CHUNK }, { offset: 18 * CHUNK, length: 30 * CHUNK }];
+    const plain = await groupHashes(fake, size, [0, 1, 2], []);
+    const cache = BaseHashes.for(template, CHUNK, 16)!;
+    expect(await groupHashes(fake, size, [0, 1, 2], [], CHUNK, 16, { cache, fromBase })).toEqual(plain);
+    expect(cache.size).toBe(2);
+    cache.save();
+    // Another agent (a fresh process's view, through the file) reads only the overlay's group.
+    reads.length = 0;
+    fs.rmSync(template);
+    fs.writeFileSync(template, 'template'); // same size, new inode: the file is not trusted
+    const fresh = BaseHashes.for(template, CHUNK, 16)!;
+    expect(fresh.size).toBe(0);
+    expect(await groupHashes(fake, size, [0, 1, 2], [], CHUNK, 16, { cache: fresh, fromBase })).toEqual(plain);
+    fresh.save();
+    reads.length = 0;
+    const again = await groupHashes(fake, size, [0, 1, 2], [], CHUNK, 16, { cache: BaseHashes.for(template, CHUNK, 16)!, fromBase });
+    expect(again).toEqual(plain);
+    expect(reads.every((o) => o >= 16 * CHUNK && o < 32 * CHUNK)).toBe(true);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
 });
 
 describe('convergence controller', () => {
@@ -96,17 +130,34 @@ describe('convergence controller', () => {
     expect(decide({ ...base, linkBytesPerSec: 100e3, diskDirtyRate: 100e3, diskLastDirtyBytes: 50e3 }).ioThrottleBps).toBe(0);
   });
 
+  it('gives QEMU a limit scaled by how far below the link its paced stream runs, and counts the queue in the pause', () => {
+    const full = decide({ ...base, queueBytes: 128 * 1024 });
+    expect(full.downtimeLimitMs).toBeGreaterThan(100); // 300 - 50 one way - disk - 70 at the destination
+    const paced = decide({ ...base, queueBytes: 128 * 1024, drainNowBytesPerSec: 0.45e6 });
+    expect(paced.downtimeLimitMs).toBeGreaterThan(2.5 * full.downtimeLimitMs);
+    expect(Math.abs(decide({ ...base, queueBytes: 128 * 1024, drainNowBytesPerSec: 1 }).downtimeLimitMs - 4 * full.downtimeLimitMs)).toBeLessThanOrEqual(2); // at most 4x
+    const queued = decide({ ...base, queueBytes: 512 * 1024 });
+    expect(queued.downtimeLimitMs).toBeLessThan(full.downtimeLimitMs);
+    expect(queued.predictedDowntimeMs).toBeGreaterThan(full.predictedDowntimeMs + 200);
+  });
+
   it('allows CPU throttling only after RAM failed to converge for a while', () => {
     expect(decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam: 5 } }).throttleTrigger).toBe(100);
     expect(decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam: 120 } }).throttleTrigger).toBe(50);
+    // Still not converged a minute in: QEMU's pause limit doubles every 10 s, at most 8x.
+    const at = (secondsInRam: number) => decide({ ...base, ram: { remaining: 1e8, dirtyBytesPerSec: 5e7, secondsInRam } });
+    expect(at(59).downtimeLimitMs).toBe(at(5).downtimeLimitMs);
+    expect(Math.abs(at(60).downtimeLimitMs - 2 * at(5).downtimeLimitMs)).toBeLessThanOrEqual(2);
+    expect(at(60).note).toMatch(/limit raised 2×/);
+    expect(Math.abs(at(600).downtimeLimitMs - 8 * at(5).downtimeLimitMs)).toBeLessThanOrEqual(4);
   });
 
-  it('paces QEMU by the transport queue: faster when it is empty, slower when full, bounded', () => {
-    expect(paceRam(1e6, 10, 100)).toBe(1.25e6);
-    expect(paceRam(1e6, 200, 100)).toBe(0.75e6);
-    expect(paceRam(1e6, 100, 100)).toBe(1e6);
-    expect(paceRam(1000, 200, 100)).toBe(256 * 1024);
-    expect(queueTarget({ window: 4e6, drainBytesPerSec: 1.25e6, rttMs: 100 })).toBe(2e6);
+  it('keeps half the window queued for the first pass over RAM, then one bandwidth-delay product (≥ 128 KiB, ≥ 50 ms)', () => {
+    const w = { window: 1 << 20, firstPass: false };
+    expect(queueTarget({ ...w, drainBytesPerSec: 1.25e6, rttMs: 100 })).toBe(128 * 1024); // wan-10
+    expect(queueTarget({ ...w, drainBytesPerSec: 1.25e6, rttMs: 100, firstPass: true })).toBe(512 * 1024);
+    expect(queueTarget({ ...w, drainBytesPerSec: 12.5e6, rttMs: 100 })).toBe(1.25e6); // wan-100
+    expect(queueTarget({ ...w, drainBytesPerSec: 400e6, rttMs: 1 })).toBe(20e6); // lan
   });
 });
 
@@ -158,7 +209,7 @@ describe('guest RAM check', () => {
     const fs = await import('node:fs');
     const os = await import('node:os');
     const path = await import('node:path');
-    const { differingGroups, hashRam, readGroup, writeGroup, RAM_GROUP } = await import('../../src/migration/ram-verify.js');
+    const { differingGroups, hashRam, readGroup, writeGroup, RAM_GROUP, RAM_HASH_BYTES } = await import('../../src/migration/ram-verify.js');
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ram-'));
     const a = path.join(dir, 'a.ram');
     const b = path.join(dir, 'b.ram');
@@ -169,7 +220,7 @@ describe('guest RAM check', () => {
     mem[2 * RAM_GROUP] ^= 0xff;
     fs.writeFileSync(b, mem);
     const ha = await hashRam(a, 8 * RAM_GROUP);
-    expect(ha.length).toBe(8 * 32);
+    expect(ha.length).toBe(8 * RAM_HASH_BYTES);
     expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([2, 5]);
     for (const g of [2, 5]) writeGroup(b, g, readGroup(a, g));
     expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([]);
@@ -186,5 +237,44 @@ describe('progress line', () => {
     const ram = { transferred: 10, remaining: 90, total: 100, dirtyBytesPerSec: 0, cpuThrottle: 0 };
     expect(progressLine(view({ phase: 'ram', ram }))).toContain('dirty – (measured after the first pass)');
     expect(progressLine(view({ phase: 'ram', ram: { ...ram, transferred: 200 } }))).toContain('dirty 0 B/s');
+  });
+});
+
+describe('RAM stream pacing (ram-pipe)', () => {
+  it('stops reading QEMU while the transport holds more than the target, spools while the link is down', async () => {
+    const net = await import('node:net');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { listenForQemu } = await import('../../src/migration/ram-pipe.js');
+    const sock = path.join(os.tmpdir(), `ferry-rampipe-${process.pid}.sock`);
+    let sent = 0;
+    const session = { unackedPayload: 0, send: async (_ch: number, b: Buffer) => void (sent += b.length) };
+    let open = false;
+    const src = await listenForQemu(sock, session as never, { target: () => 64 * 1024, open: () => open });
+    const c = net.connect(sock);
+    await new Promise((r) => c.once('connect', r));
+    const until = async (pred: () => boolean) => {
+      for (let i = 0; i < 200 && !pred(); i++) await new Promise((r) => setTimeout(r, 10));
+    };
+    // The queue is over the target: after at most a socket read or two, nothing more is taken.
+    session.unackedPayload = 1 << 20;
+    c.write(Buffer.alloc(8 << 20, 1));
+    await until(() => sent > 0);
+    await new Promise((r) => setTimeout(r, 100));
+    const held = sent;
+    expect(held).toBeLessThan(1 << 20);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(sent).toBe(held);
+    // The link is down: the gate opens and the stream is spooled (QEMU is not left blocked).
+    open = true;
+    await until(() => sent >= 8 << 20);
+    expect(sent).toBe(8 << 20);
+    // The queue drained with the gate closed again: reading resumes.
+    open = false;
+    session.unackedPayload = 0;
+    c.end(Buffer.alloc(1 << 20, 2));
+    await src.ended;
+    expect(src.bytes()).toBe(9 << 20);
+    src.close();
   });
 });

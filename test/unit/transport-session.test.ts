@@ -82,6 +82,26 @@ describe('transport session', () => {
     await waitUntil(() => client.connections === 4);
   });
 
+  it('copies a frame lost inside a live connection to another one once later frames arrived (rescue)', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    // One connection silently loses one DATA frame (as a TCP flow in recovery would hold it).
+    const conn = [...(client as unknown as { conns: Set<{ sock: net.Socket }> }).conns][0]!;
+    const write = conn.sock.write.bind(conn.sock) as (b: Buffer) => boolean;
+    let dropped = 0;
+    (conn.sock as unknown as { write: (b: Buffer) => boolean }).write = (b: Buffer) => (b.length > 100 && !dropped++ ? true : write(b));
+    for (let i = 0; i < 60; i++) {
+      await client.send(3, message(i));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    await client.flush();
+    expect(dropped).toBeGreaterThan(0);
+    expect(client.stats.framesRescued).toBeGreaterThanOrEqual(1);
+    expect(rx.msgs.length).toBe(60);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+  });
+
   it('loses and duplicates nothing when connections are killed mid-transfer', async () => {
     const { client, server, listener } = await pair({ streams: 4, window: 256 * 1024 });
     const rx = collect(server);
