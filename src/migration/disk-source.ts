@@ -83,25 +83,20 @@ export class DiskSender {
 
   /** Removes every trace (bitmaps, exports, NBD server). Safe to call twice. */
   async cleanup(): Promise<void> {
-    for (const d of this.disks) for (const id of [`fm-${d.node}`, `fv-${d.node}`]) await exportDel(this.qmp, id);
+    for (const d of this.disks) await exportDel(this.qmp, `fm-${d.node}`);
     await nbdServerStop(this.qmp);
     if (this.bitmap) for (const n of this.nodes) await bitmapRemove(this.qmp, n, this.bitmap);
     this.bitmap = '';
   }
 
-  /**
-   * An export of disk `d` and a connection to it. The whole-disk verify (`v`) runs while dirty
-   * rounds go on (during the RAM phase), so it has exports of its own.
-   */
-  private async open(d: SourceDisk, contexts: string[], bitmaps?: string[], tag: 'm' | 'v' = 'm'): Promise<NbdClient> {
-    const name = tag === 'm' ? d.node : `v-${d.node}`;
-    await exportAdd(this.qmp, { id: `f${tag}-${d.node}`, node: d.node, name, writable: false, allocationDepth: true, ...(bitmaps ? { bitmaps } : {}) });
-    return NbdClient.connect({ path: this.nbdSocket }, name, contexts);
+  private async open(d: SourceDisk, contexts: string[], bitmaps?: string[]): Promise<NbdClient> {
+    await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, allocationDepth: true, ...(bitmaps ? { bitmaps } : {}) });
+    return NbdClient.connect({ path: this.nbdSocket }, d.node, contexts);
   }
 
-  private async close(d: SourceDisk, c: NbdClient, tag: 'm' | 'v' = 'm'): Promise<void> {
+  private async close(d: SourceDisk, c: NbdClient): Promise<void> {
     await c.close();
-    await exportDel(this.qmp, `f${tag}-${d.node}`);
+    await exportDel(this.qmp, `fm-${d.node}`);
   }
 
   /** Round 0: what each destination disk lacks. Disks whose base is 'cached' are diffed by hash. */
@@ -294,14 +289,14 @@ export class DiskSender {
     remote.catch(() => {}); // awaited below; a local failure first must not leave it unhandled
     const t0 = Date.now();
     const cache = d.backing && group === GROUP ? BaseHashes.for(d.backing, CHUNK, GROUP) : null;
-    const c = await this.open(d, cache ? ['base:allocation', 'qemu:allocation-depth'] : ['base:allocation'], undefined, 'v');
+    const c = await this.open(d, cache ? ['base:allocation', 'qemu:allocation-depth'] : ['base:allocation']);
     let mine: Buffer[];
     try {
       const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
       const base = cache ? { cache, fromBase: select(await c.map('qemu:allocation-depth'), (f) => f !== 1) } : undefined;
       mine = await groupHashes(c, d.size, all, zero, CHUNK, group, base);
     } finally {
-      await this.close(d, c, 'v');
+      await this.close(d, c);
     }
     cache?.save();
     const t1 = Date.now();

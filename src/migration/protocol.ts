@@ -31,9 +31,7 @@
 //   begin      S→D `begin` {spec, …}; D answers `begin-ok` {problems[]} — every refusal at once
 //   prepare    S→D `prepare`; D creates disks, starts QEMU -incoming defer, exports its disks
 //              on a local NBD socket; answers `prepared` {disks:[{id, base}]}
-//   disk       DISK records in rounds of dirty blocks (each closed by a barrier D verifies)
-//   verify     S→D `verify` {disk, groups} → D answers group hashes; sent once the dirty rounds
-//              are short, and answered while the RAM phase runs
+//   disk       DISK records in rounds of dirty blocks; `verify` barrier → D answers group hashes
 //   ram        S→D `ram-start`; D runs migrate-incoming and answers `ram-ready`; QEMU's stream
 //              flows on RAM; disk rounds continue
 //   switchover QEMU paused at pre-switchover: S sends the final disk round + FINAL barrier, then

@@ -4,9 +4,8 @@
 //
 //   begin      local checks, dial, peer's checks (every refusal at once)
 //   prepare    destination creates disks and an -incoming QEMU
-//   disk       round 0, dirty rounds (converge.ts decides throttling)
-//   ram        QEMU's stream through the transport while disk rounds continue and whole disks
-//              are compared by hash lists (QEMU may not switch over before that is done)
+//   disk       round 0, dirty rounds, whole-disk hash verification (converge.ts decides throttling)
+//   ram        QEMU's stream through the transport while disk rounds continue
 //   switchover QEMU paused at pre-switchover: final disk round + FINAL barrier, migrate-continue
 //   confirm    destination runs: quit the source QEMU, delete the source copy
 //
@@ -198,26 +197,24 @@ export class SourceMigration {
     await sender.initialRound(() => this.sample());
     this.mark('round0-done');
     this.check();
+    let verified = false;
     for (;;) {
       await sender.dirtyRound(() => this.sample());
       this.check();
       const d = await this.control(qmp);
       await this.applyThrottle(qmp, spec, d.ioThrottleBps);
-      if (d.startRam && sender.pendingExtra() === 0) break;
+      if (!verified && d.startRam) {
+        this.mark('verify');
+        const v = await sender.verify(this.o.verify === 'sample' ? 0.05 : undefined);
+        this.mark('verified');
+        this.view.marks['verify.hashMs'] = sender.verifyTimings.hashMs;
+        this.view.marks['verify.waitMs'] = sender.verifyTimings.waitMs;
+        this.view.verify = { mode: this.o.verify, ...v };
+        verified = true;
+        continue;
+      }
+      if (verified && d.startRam && sender.pendingExtra() === 0) break;
     }
-    // Whole disks are compared while QEMU's first pass over RAM fills the link (hashing both
-    // hosts' disks left the link idle ~2 s on wan-10). What differs goes out in the next dirty
-    // rounds; QEMU may not switch over before the comparison is done (its limit stays at 1 ms).
-    this.mark('verify');
-    let verified = false;
-    const verifying = sender.verify(this.o.verify === 'sample' ? 0.05 : undefined).then((v) => {
-      this.mark('verified');
-      this.view.marks['verify.hashMs'] = sender.verifyTimings.hashMs;
-      this.view.marks['verify.waitMs'] = sender.verifyTimings.waitMs;
-      this.view.verify = { mode: this.o.verify, ...v };
-      verified = true;
-    });
-    verifying.catch(() => {});
 
     // ── Perform: RAM ──
     this.phase('ram');
@@ -236,7 +233,7 @@ export class SourceMigration {
     };
     this.ramSrc = await listenForQemu(ramSock, session, gate);
     const caps = { xbzrle: this.o.xbzrle, autoConverge: true };
-    const params = { ...this.ramParams(this.decision!), 'downtime-limit': 1 };
+    const params = this.ramParams(this.decision!);
     await ramCapabilities(qmp, caps);
     await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': 2 ** Math.floor(Math.log2(Math.min(256, Math.max(16, spec.memoryMiB / 4)))) * 2 ** 20 } : {}) });
     await this.peer.request({ t: 'ram-start', caps, params: {} }, 60_000);
@@ -281,7 +278,6 @@ export class SourceMigration {
         if (!firstPass) this.mark('ram-first-pass-done');
         if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `QEMU's RAM migration ${st.status}: ${st.error ?? ''}`);
         this.check();
-        if (!verified) await Promise.race([verifying, sleep(0)]); // surfaces a failed comparison
         // The link is down when nothing was acknowledged for a second: trickle first, then spool.
         const down = !session.draining(1000);
         if (down !== linkDown) {
@@ -296,7 +292,7 @@ export class SourceMigration {
         if (Date.now() - lastParams > 1000) {
           lastParams = Date.now();
           const d = await this.control(qmp, (Date.now() - ramT0) / 1000, { queueBytes: gate.target(), linkDown });
-          await ramParameters(qmp, { 'downtime-limit': verified ? d.downtimeLimitMs : 1, 'throttle-trigger-threshold': d.throttleTrigger });
+          await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
           await this.applyThrottle(qmp, spec, d.ioThrottleBps);
         }
         await Promise.race([sleep(100), diskLoop, preSwitch]);
@@ -320,8 +316,6 @@ export class SourceMigration {
     this.phase('switchover');
     timings.journaledAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
-    // QEMU may still switch before the comparison is done (nothing left to send): finish it now.
-    await verifying;
     await diskLoop;
     timings.diskLoopDoneAt = Date.now();
     const { barrier: finalN, sent: finalBytes } = await sender.dirtyRound(() => {}, true);

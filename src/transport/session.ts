@@ -227,8 +227,9 @@ export class Session extends EventEmitter {
   }
 
   /**
-   * True when bytes are outstanding and the peer acknowledged nothing for `ms`: the link is down
-   * (a blackholed path keeps its connections open until the idle timeout) or the session stalled.
+   * Whether the link is carrying what is sent: false when the session stalled, or when bytes are
+   * outstanding and the peer acknowledged nothing for `ms` (a blackholed path keeps its
+   * connections open until their idle timeout).
    */
   draining(ms = 1000): boolean {
     if (this.state !== 'open') return false;
