@@ -10,6 +10,8 @@
 // template's size, mtime and inode are unchanged. Templates that differ between the two hosts
 // still show up as differing groups: nothing is taken from the peer.
 import fs from 'node:fs';
+import { CHUNK, GROUP, select, type Range } from './blocks.js';
+import type { NbdClient } from '../nbd/client.js';
 
 const MAGIC = 'ferry-groups v1';
 
@@ -115,4 +117,14 @@ function readFile(file: string, key: Key): Map<number, Buffer> {
   const body = b.subarray(nl + 1);
   for (let o = 0; o + 36 <= body.length; o += 36) out.set(body.readUInt32BE(o), Buffer.from(body.subarray(o + 4, o + 36)));
   return out;
+}
+
+/**
+ * What `groupHashes` needs to use the cache of `backing` for a disk read through `nbd` (which
+ * must have the qemu:allocation-depth context): the ranges the overlay's own layer does not touch.
+ * Undefined when the disk has no template or the hashes are not the whole-disk ones (CHUNK, GROUP).
+ */
+export async function templateBase(nbd: NbdClient, backing: string | undefined, chunk: number, group: number): Promise<{ cache: BaseHashes; fromBase: Range[] } | undefined> {
+  const cache = backing && chunk === CHUNK && group === GROUP ? BaseHashes.for(backing, chunk, group) : null;
+  return cache ? { cache, fromBase: select(await nbd.map('qemu:allocation-depth'), (f) => f !== 1) } : undefined;
 }

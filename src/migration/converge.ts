@@ -5,7 +5,7 @@
 // the final RAM copy (downtime-limit), and when to let QEMU throttle the guest's CPU
 // (auto-converge's trigger). It also predicts the pause. How fast QEMU pushes is not decided
 // here: the RAM stream is paced by backpressure (ram-pipe.ts, queueTarget below).
-// Pure: unit-tested with made-up rates (test/unit/converge.test.ts).
+// Pure: unit-tested with made-up rates (test/unit/migration-parts.test.ts).
 
 export interface ConvergeInput {
   /** wire bytes/s the link drained at its best (measured during the bulk copy) */

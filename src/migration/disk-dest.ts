@@ -5,8 +5,8 @@
 // It also answers `verify` requests with group hashes of its disks.
 import { FerryError } from '../errors.js';
 import type { NbdClient } from '../nbd/client.js';
-import { BaseHashes } from './base-hashes.js';
-import { CHUNK, GROUP, groupCount, groupHashes, isZero, select, sha256 } from './blocks.js';
+import { templateBase } from './base-hashes.js';
+import { groupCount, groupHashes, isZero, select, sha256 } from './blocks.js';
 import type { Peer } from './peer.js';
 import { decodeRecord, RECORD_FINAL, RecordKind, type Control, type DiskRecord, type VerifyRequest } from './protocol.js';
 
@@ -135,11 +135,9 @@ export class DiskReceiver {
     const c = this.disk(req.disk);
     const groups = req.groups ?? Array.from({ length: groupCount(c.size, req.chunk, req.group) }, (_, i) => i);
     const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
-    const backing = this.backings[req.disk];
-    const cache = backing && req.chunk === CHUNK && req.group === GROUP ? BaseHashes.for(backing, CHUNK, GROUP) : null;
-    const base = cache ? { cache, fromBase: select(await c.map('qemu:allocation-depth'), (f) => f !== 1) } : undefined;
+    const base = await templateBase(c, this.backings[req.disk], req.chunk, req.group);
     const hs = await groupHashes(c, c.size, groups, zero, req.chunk, req.group, base);
-    cache?.save();
+    base?.cache.save();
     return { t: 'hashes', disk: req.disk, groups, hashes: Buffer.concat(hs).toString('base64') };
   }
 

@@ -14,7 +14,7 @@ import { FerryError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
 import type { QmpClient } from '../qemu/qmp.js';
-import { BaseHashes } from './base-hashes.js';
+import { templateBase } from './base-hashes.js';
 import { CHUNK, GROUP, groupCount, groupHashes, groupRanges, isZero, mergeRanges, select, sha256, splitAligned, totalBytes, type Range } from './blocks.js';
 import type { Peer } from './peer.js';
 import { CH, encodeRecord, RECORD_FINAL, RecordKind, type Control, type PreparedDisk } from './protocol.js';
@@ -288,17 +288,17 @@ export class DiskSender {
     const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group, ...(pick ? { groups: pick } : {}) } });
     remote.catch(() => {}); // awaited below; a local failure first must not leave it unhandled
     const t0 = Date.now();
-    const cache = d.backing && group === GROUP ? BaseHashes.for(d.backing, CHUNK, GROUP) : null;
-    const c = await this.open(d, cache ? ['base:allocation', 'qemu:allocation-depth'] : ['base:allocation']);
+    const c = await this.open(d, ['base:allocation', 'qemu:allocation-depth']);
     let mine: Buffer[];
+    let base: Awaited<ReturnType<typeof templateBase>>;
     try {
       const zero = select(await c.map('base:allocation'), (f) => (f & 2) === 2);
-      const base = cache ? { cache, fromBase: select(await c.map('qemu:allocation-depth'), (f) => f !== 1) } : undefined;
+      base = await templateBase(c, d.backing, CHUNK, group);
       mine = await groupHashes(c, d.size, all, zero, CHUNK, group, base);
     } finally {
       await this.close(d, c);
     }
-    cache?.save();
+    base?.cache.save();
     const t1 = Date.now();
     const theirs = await remote;
     this.verifyTimings.hashMs += t1 - t0;

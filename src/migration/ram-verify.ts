@@ -90,10 +90,10 @@ export function warmUp(): void {
   workers();
 }
 
-/** The hash of every 1 MiB group of guest RAM [0, bytes), concatenated, on up to `threads` pool threads. */
-export async function hashRam(file: string, bytes: number, threads = 2): Promise<Buffer> {
+/** The hash of every 1 MiB group of guest RAM [0, bytes), concatenated (on the pool's threads). */
+export async function hashRam(file: string, bytes: number): Promise<Buffer> {
   const groups = Math.ceil(bytes / RAM_GROUP);
-  const ws = workers().slice(0, threads);
+  const ws = workers();
   if (!ws.length) {
     await hashReady(); // running from sources (unit tests): this thread hashes
     return hashGroups(file, 0, groups);
