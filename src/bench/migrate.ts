@@ -164,7 +164,7 @@ async function setupVm(src: AgentClient, dataDir: string, s: Scenario, tag: stri
   const dataFile = path.join(dataDir, 'import', `data-${s.seed}-${tag}.qcow2`);
   say(`  preparing a ${Math.round(s.diskBytes / 2 ** 20)} MiB data disk with ${Math.round(s.usedBytes / 2 ** 20)} MiB used`);
   await makeDataDisk(dataFile, s, template);
-  await src.post('/v1/vms', { name: VM, image: GUEST_IMAGE, memoryMiB: s.memoryMiB, disks: [{ file: dataFile }], workload: { heartbeatHz: 10, writeRate: s.writeRate, seed: s.seed, dirtyMiB: s.dirtyMiB } });
+  await src.post('/v1/vms', { name: VM, image: GUEST_IMAGE, memoryMiB: s.memoryMiB, disks: [{ file: dataFile }], workload: { heartbeatHz: s.heartbeatHz ?? 50, writeRate: s.writeRate, seed: s.seed, dirtyMiB: s.dirtyMiB } });
   await src.post(`/v1/vms/${VM}/start`);
   await waitFor('the guest to boot', 180_000, async () => ((await src.get<GuestStats>(`/v1/vms/${VM}/guest`)).ready ? true : undefined), { everyMs: 500 });
   await sleep(5000);
@@ -275,10 +275,10 @@ export async function runFerry(
     result.wireBytesRev = w.rev;
     result.linkLimitSec = ((w.fwd + w.rev) * 8) / prof.link.rateBps;
     // Both kinds of re-sending count: frames queued again after their connection died, and copies
-    // of frames presumed lost (transport/session.ts `rescue`).
+    // of frames presumed lost (transport/session.ts `rescue`, `probeTail`, `copies: 2`).
     const rescued = view.wire.rescuedFrames ?? 0;
     result.resentPct = view.wire.framesSent ? (100 * (view.wire.resentFrames + rescued)) / view.wire.framesSent : 0;
-    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames (${view.wire.resentFrames} after a lost connection, ${rescued} copies of frames presumed lost)`);
+    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames (${view.wire.resentFrames} after a lost connection, ${rescued} copies of frames presumed lost: ${view.wire.probedFrames ?? 0} at a burst's tail, ${view.wire.doubledFrames ?? 0} urgent control messages sent twice)`);
     const sw = view.result!.switchover ?? {};
     say(`  switchover timeline (ms after the pause): ${JSON.stringify(sw)}; the source guest's last heartbeat came ${sw.pausedAtEpoch! - (view.atSwitchover?.lastHeartbeatAt ?? 0)} ms before the pause`);
     await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: view.final!, atSwitchover: view.atSwitchover, say, contAtEpoch: sw.destContAtEpoch });

@@ -15,7 +15,7 @@ export function markdownTable(r: BenchReport): string {
   const okNative = r.runs.filter((x) => x.ok && x.contender.startsWith('native/'));
   const best = okNative.sort((a, b) => a.totalSec! - b.totalSec!)[0];
   const lines = [
-    `Scenario: ${s.profile} (${p.description}), TCP ${s.cc} on both ends; native runs suspend the guest after ${s.suspendAfterSec ?? 'never'} s if not converged (libvirt --timeout); VM ${s.memoryMiB} MiB RAM, data disk ${mib(s.diskBytes)} MiB with ${mib(s.usedBytes)} MiB used, guest writing ${(s.writeRate / 1024).toFixed(0)} KiB/s and dirtying ${s.dirtyMiB} MiB of RAM; seed ${s.seed}; ${r.startedAt}.`,
+    `Scenario: ${s.profile} (${p.description}), TCP ${s.cc} on both ends; native runs suspend the guest after ${s.suspendAfterSec ?? 'never'} s if not converged (libvirt --timeout); VM ${s.memoryMiB} MiB RAM, data disk ${mib(s.diskBytes)} MiB with ${mib(s.usedBytes)} MiB used, guest writing ${(s.writeRate / 1024).toFixed(0)} KiB/s and dirtying ${s.dirtyMiB} MiB of RAM, heartbeat ${s.heartbeatHz ?? 10} Hz (guest-seen downtime = largest heartbeat gap); seed ${s.seed}; ${r.startedAt}.`,
     '',
     '| contender | result | total (s) | guest-seen downtime (ms) | QEMU downtime (ms) | wire → (MiB) | wire ← (MiB) | link-limit (s) | re-sent | integrity | vs best native (time) |',
     '|---|---|---|---|---|---|---|---|---|---|---|',

@@ -46,6 +46,7 @@ export function registerBenchCommands(program: Command): void {
     .option('--used <size>', 'data already on the data disk', '150M')
     .option('--write-rate <rate>', 'guest disk writes per second', '100K')
     .option('--dirty <size>', 'guest RAM rewritten continuously', '16M')
+    .option('--heartbeat <hz>', 'guest heartbeat rate: the guest-seen downtime is the largest gap, so it is at least one period', '50')
     .option('--cc <algo>', 'TCP congestion control on both ends: cubic or bbr', 'cubic')
     .option('--seed <n>', 'seed (emulator and data)', '1')
     .option('--timeout <s>', 'per-run limit; a run past it is recorded as failed', '1800')
@@ -58,6 +59,7 @@ export function registerBenchCommands(program: Command): void {
         if (o.vs !== 'native') throw new FerryError('INVALID_ARGUMENT', '--vs: only "native" is known');
         const variants = o.nativeVariants === 'all' ? Object.keys(NATIVE_VARIANTS) : o.nativeVariants === 'none' ? [] : o.nativeVariants!.split(',');
         for (const v of variants) if (!NATIVE_VARIANTS[v]) throw new FerryError('INVALID_ARGUMENT', `unknown native variant ${v}`);
+        if (!(Number(o.heartbeat) >= 1 && Number(o.heartbeat) <= 100)) throw new FerryError('INVALID_ARGUMENT', '--heartbeat: a rate from 1 to 100 Hz');
         if (!PROFILES[o.profile!]) throw new FerryError('INVALID_ARGUMENT', `unknown profile ${o.profile}`);
         const s: Scenario = {
           profile: o.profile!,
@@ -66,6 +68,7 @@ export function registerBenchCommands(program: Command): void {
           usedBytes: parseSize(o.used!),
           writeRate: parseSize(o.writeRate!),
           dirtyMiB: Math.round(parseSize(o.dirty!) / 2 ** 20),
+          heartbeatHz: Number(o.heartbeat),
           seed: Number(o.seed),
           cc: o.cc as 'cubic' | 'bbr',
           timeoutSec: Number(o.timeout),
@@ -96,6 +99,7 @@ export function registerBenchCommands(program: Command): void {
     .option('--out <dir>', 'results folder', 'bench-results')
     .action(
       action(async (o: Record<string, string>, cmd: Command) => {
+        if (!(Number(o.heartbeat) >= 1 && Number(o.heartbeat) <= 100)) throw new FerryError('INVALID_ARGUMENT', '--heartbeat: a rate from 1 to 100 Hz');
         if (!PROFILES[o.profile!]) throw new FerryError('INVALID_ARGUMENT', `unknown profile ${o.profile}`);
         let cut: { atSeconds: number; seconds: number; flap: boolean } | null = null;
         if (o.cut) {

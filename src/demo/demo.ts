@@ -48,7 +48,7 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
       memoryMiB: 256,
       image: GUEST_IMAGE,
       disks: [{ sizeBytes: 256 * 1024 ** 2 }],
-      workload: { heartbeatHz: 10, writeRate: 100 * 1024, seed: SEED, dirtyMiB: 16 },
+      workload: { heartbeatHz: 50, writeRate: 100 * 1024, seed: SEED, dirtyMiB: 16 },
     });
     const tStart = Date.now();
     await a.post('/v1/vms/demo/start');
@@ -61,7 +61,7 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
     for (let i = 0; i < 3; i++) {
       await sleep(1000);
       const s = await a.get<GuestStats>('/v1/vms/demo/guest');
-      say(`   t+${i + 1}s  heartbeats ${String(s.heartbeats).padStart(4)} (10 Hz)  durable writes ${String(s.lastDurableSeq).padStart(5)} (100 KB/s, O_DIRECT|O_DSYNC)  16 MiB of RAM rewritten continuously`);
+      say(`   t+${i + 1}s  heartbeats ${String(s.heartbeats).padStart(5)} (50 Hz)  durable writes ${String(s.lastDurableSeq).padStart(5)} (100 KB/s, O_DIRECT|O_DSYNC)  16 MiB of RAM rewritten continuously`);
     }
 
     say('-- step 5: live migration h1 → h2 across the WAN (ferry migrate demo --to h2)');
@@ -73,7 +73,7 @@ export async function runDemo(opts: { keep: boolean; json: boolean }): Promise<v
     say('-- step 6: the report');
     const after = await waitFor('heartbeats on h2', 30_000, async () => {
       const s = await b.get<GuestStats>('/v1/vms/demo/guest');
-      return s.heartbeats >= 10 ? s : undefined;
+      return s.heartbeats >= 50 ? s : undefined;
     });
     const across = after.firstHeartbeatAt! - v.final!.lastHeartbeatAt!;
     report.guestGapMs = Math.max(across, v.final!.maxGapMs, after.maxGapMs);

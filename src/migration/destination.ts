@@ -20,8 +20,12 @@ import { DiskReceiver } from './disk-dest.js';
 import type { DestPhase, Journal } from './journal.js';
 import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
-import { differingGroups, hashRam, RAM_GROUP, RAM_HASH, warmUp, writeGroup } from './ram-verify.js';
+import { differingGroups, hashRam, RAM_GROUP, RAM_HASH, rehashInto, warmUp, writeGroup } from './ram-verify.js';
 import { connectToQemu, type RamSink } from './ram-pipe.js';
+import { RamTracker, type RamTrackStats } from './ram-track.js';
+
+/** FERRY_DEBUG_MIGRATE=FILE: the switchover as this side saw it, one JSON line (source.ts writes its own) */
+const DEBUG = process.env.FERRY_DEBUG_MIGRATE;
 
 export interface DestHost {
   hostName: string;
@@ -85,6 +89,14 @@ export class DestinationMigration {
   private receiver: DiskReceiver | undefined;
   private ram: RamSink | undefined;
   private ramBacklog: Buffer[] = [];
+  /** which guest-RAM groups the stream touched, and their early hashes (ram-track.ts) */
+  private ramTrack: RamTracker | undefined;
+  private ramTrackTimer: NodeJS.Timeout | undefined;
+  private ramTrackStats: RamTrackStats | undefined;
+  /** FERRY_DEBUG_MIGRATE: RAM messages after the `final` barrier came ([ms after it, bytes]) */
+  private finalAt = 0;
+  private ramEndAt = 0;
+  private ramAfterFinal: number[][] = [];
   private ramEnd: Extract<Control, { t: 'ram-end' }> | undefined;
   private indexes: ChunkIndex[] = [];
   /** 1 MiB groups of guest RAM that QEMU's stream left different and that were repaired */
@@ -147,6 +159,7 @@ export class DestinationMigration {
         break;
       case 'ram-end':
         this.ramEnd = m;
+        this.ramEndAt = Date.now();
         break;
       case 'confirm':
         for (const i of this.indexes.splice(0)) i.close?.();
@@ -169,7 +182,7 @@ export class DestinationMigration {
         void this.fail(`bad disk record: ${(e as Error).message}`);
       }
     } else if (ch === CH.RAM) {
-      if (this.ram) this.ram.write(msg);
+      if (this.ram) this.writeRam(msg);
       else this.ramBacklog.push(msg);
     }
   }
@@ -222,11 +235,23 @@ export class DestinationMigration {
       await migrateIncoming(qmp, sock);
       this.ram = await connectToQemu(sock);
       warmUp();
-      for (const b of this.ramBacklog.splice(0)) this.ram.write(b);
+      const file = this.host.ramFile(this.spec);
+      if (fs.existsSync(file)) {
+        const track = (this.ramTrack = new RamTracker(file, this.spec.memoryMiB * 2 ** 20));
+        this.ramTrackTimer = setInterval(() => void track.refresh(this.ram?.pending() ?? 1), 100);
+        this.ramTrackTimer.unref();
+      }
+      for (const b of this.ramBacklog.splice(0)) this.writeRam(b);
       await this.peer.reply(m, { t: 'ram-ready' });
     } catch (e) {
       await this.peer.replyError(m, e);
     }
+  }
+
+  private writeRam(b: Buffer): void {
+    if (DEBUG && this.finalAt) this.ramAfterFinal.push([Date.now() - this.finalAt, b.length]);
+    this.ramTrack?.feed(b);
+    this.ram!.write(b);
   }
 
   /**
@@ -248,10 +273,16 @@ export class DestinationMigration {
     const file = this.host.ramFile(this.spec);
     const want = Buffer.from(e.groups, 'base64');
     const bytes = this.spec.memoryMiB * 2 ** 20;
-    // Fault injection for the repair test: FERRY_FAULT=corrupt-ram scribbles over 3 MiB of the
-    // loaded guest's RAM (as a stale pre-copy would leave it) before the check.
-    if (process.env.FERRY_FAULT === 'corrupt-ram') for (const g of [1, 7, Math.floor(this.spec.memoryMiB / 2)]) writeGroup(file, g, Buffer.alloc(RAM_GROUP, 0xa5));
-    const diff = differingGroups(want, await hashRam(file, bytes));
+    clearInterval(this.ramTrackTimer);
+    let have: Buffer;
+    if (this.ramTrack) {
+      const r = await this.ramTrack.final();
+      have = r.hashes;
+      this.ramTrackStats = r.stats;
+      // An early hash may be stale (ram-track.ts): what seems to differ is hashed again first.
+      await rehashInto(file, have, differingGroups(want, have));
+    } else have = await hashRam(file, bytes);
+    const diff = differingGroups(want, have);
     this.ramRepairedGroups = diff.length;
     if (!diff.length) return;
     // QEMU's pre-copy left these groups different although its stream arrived intact: take the
@@ -266,7 +297,8 @@ export class DestinationMigration {
         }
       }),
     );
-    const again = differingGroups(want, await hashRam(file, bytes));
+    await rehashInto(file, have, diff);
+    const again = differingGroups(want, have);
     console.error(`ferry: migration ${this.id}: guest RAM differed from the source's in ${diff.length} MiB after QEMU loaded the stream; ${again.length ? `${again.length} still differ` : 'repaired from the source'}`);
     if (again.length) throw new FerryError('VERIFY_FAILED', `guest RAM differs from the source's in ${again.length} MiB even after repair (first at ${again[0]! * RAM_GROUP})`);
   }
@@ -274,6 +306,8 @@ export class DestinationMigration {
   /** FINAL barrier n: the guest is paused at the source. Verify, wait for RAM, run. */
   private async finish(n: number): Promise<void> {
     const t: Record<string, number> = { finalAt: Date.now() };
+    this.finalAt = t.finalAt;
+    clearInterval(this.ramTrackTimer); // the guest is paused: the last pages are what is left to hash
     try {
       this.journal('finishing');
       const rx = this.receiver!;
@@ -307,13 +341,16 @@ export class DestinationMigration {
       t.ramLastBytesAt = this.ram?.lastWriteAt() ?? 0;
       await this.checkRam();
       t.ramCheckedAt = Date.now();
+      t.ramEndAt = this.ramEndAt;
       t.ramRepairedMiB = this.ramRepairedGroups;
+      if (this.ramTrackStats) t.ramHashedInPauseMiB = this.ramTrackStats.finalGroups;
       this.journal('running');
       await cont(qmp);
       const at = Date.now();
       t.contAt = at;
       this.host.activate(this.spec.name, this.from);
-      await this.peer.send({ t: 'running', at, timings: t });
+      await this.peer.send({ t: 'running', at, timings: t }, { urgent: true });
+      if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', timings: t, ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);
       // Our NBD clients and server go after the guest runs: nothing writes through them now.
       for (const c of this.nbds) await c.close();
       await nbdServerStop(qmp);
@@ -340,6 +377,7 @@ export class DestinationMigration {
     this.journal('aborted', { error: reason });
     for (const i of this.indexes.splice(0)) i.close?.();
     this.ram?.close();
+    clearInterval(this.ramTrackTimer);
     for (const c of this.nbds) await c.close().catch(() => {});
     // Only what this migration created: its VM record exists from the start of Prepare.
     if (this.created) await this.host.discard(this.spec.name, cacheDirFor(this.host.dataDir, this.spec.uuid)).catch(() => {});

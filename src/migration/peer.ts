@@ -40,8 +40,9 @@ export class Peer extends EventEmitter {
     });
   }
 
-  async send(m: Control): Promise<void> {
-    await this.session.send(CH.CONTROL, encodeControl(m));
+  /** `urgent`: the switchover waits for it: sent on two connections at once (a lossy link's segment recovery costs round trips). */
+  async send(m: Control, o: { urgent?: boolean } = {}): Promise<void> {
+    await this.session.send(CH.CONTROL, encodeControl(m), o.urgent ? { copies: 2 } : {});
   }
 
   /** Sends a request and resolves with its reply (or rejects with the peer's error). */

@@ -2,8 +2,9 @@
 // QEMU 7.2's RAM pre-copy under TCG has left guest pages stale at the destination although its
 // stream arrived intact (docs/benchmarks.md, "Known issue"). Guest RAM is a shared file
 // (cmdline.ts), so with both guests paused the agents compare it in 1 MiB groups: the source
-// hashes its RAM the moment QEMU pauses the guest (it no longer changes), the destination once
-// QEMU has loaded the stream. The destination asks for every group that differs, writes it into
+// hashes its RAM once QEMU's stream ended (it no longer changes), the destination once QEMU has
+// loaded the stream, re-using the hashes it took during the pre-copy of groups the stream has not
+// touched since (ram-track.ts). The destination asks for every group that differs, writes it into
 // its guest's RAM, and checks again; only then does the VM run there.
 //
 // The hash is XXH128 (hash-wasm), not SHA-256: the destination's hashing is part of the pause,
@@ -38,18 +39,18 @@ function digest(b: Buffer): Buffer {
   return Buffer.from(hasher!.digest('binary'));
 }
 
-/** Hashes of groups [from, to) of a guest-RAM file, concatenated (what each worker runs). */
-export function hashGroups(file: string, from: number, to: number): Buffer {
+/** Hashes of the given groups of a guest-RAM file, concatenated in order (what each worker runs). */
+export function hashGroups(file: string, groups: readonly number[]): Buffer {
   if (!hasher) throw new Error('hashReady() was not awaited');
-  const out = Buffer.alloc((to - from) * RAM_HASH_BYTES);
+  const out = Buffer.alloc(groups.length * RAM_HASH_BYTES);
   const buf = Buffer.alloc(RAM_GROUP);
   const fd = fs.openSync(file, 'r');
   try {
-    for (let g = from; g < to; g++) {
-      const n = fs.readSync(fd, buf, 0, RAM_GROUP, g * RAM_GROUP);
+    for (let i = 0; i < groups.length; i++) {
+      const n = fs.readSync(fd, buf, 0, RAM_GROUP, groups[i]! * RAM_GROUP);
       const b = buf.subarray(0, n);
       // Most of a guest's RAM is zero: memcmp is faster still.
-      (n === RAM_GROUP && b.equals(ZERO) ? zeroHash! : digest(b)).copy(out, (g - from) * RAM_HASH_BYTES);
+      (n === RAM_GROUP && b.equals(ZERO) ? zeroHash! : digest(b)).copy(out, i * RAM_HASH_BYTES);
     }
   } finally {
     fs.closeSync(fd);
@@ -90,28 +91,43 @@ export function warmUp(): void {
   workers();
 }
 
+/** The number of 1 MiB groups of `bytes` of guest RAM. */
+export function ramGroups(bytes: number): number {
+  return Math.ceil(bytes / RAM_GROUP);
+}
+
 /** The hash of every 1 MiB group of guest RAM [0, bytes), concatenated (on the pool's threads). */
-export async function hashRam(file: string, bytes: number): Promise<Buffer> {
-  const groups = Math.ceil(bytes / RAM_GROUP);
+export function hashRam(file: string, bytes: number): Promise<Buffer> {
+  return hashSome(file, Array.from({ length: ramGroups(bytes) }, (_, g) => g));
+}
+
+/** The hashes of the listed groups, concatenated in their order (on the pool's threads). */
+export async function hashSome(file: string, groups: readonly number[]): Promise<Buffer> {
   const ws = workers();
   if (!ws.length) {
     await hashReady(); // running from sources (unit tests): this thread hashes
-    return hashGroups(file, 0, groups);
+    return hashGroups(file, groups);
   }
-  const per = Math.ceil(groups / ws.length);
+  const per = Math.ceil(groups.length / ws.length);
   const parts = await Promise.all(
     ws.map((w, i) => {
-      const from = Math.min(groups, i * per);
-      const to = Math.min(groups, from + per);
-      if (from >= to) return Promise.resolve(Buffer.alloc(0));
+      const part = groups.slice(i * per, (i + 1) * per);
+      if (!part.length) return Promise.resolve(Buffer.alloc(0));
       const id = nextId++;
       return new Promise<Buffer>((resolve, reject) => {
         waiting.set(id, { resolve, reject });
-        w.postMessage({ id, file, from, to });
+        w.postMessage({ id, file, groups: part });
       });
     }),
   );
   return Buffer.concat(parts);
+}
+
+/** Fresh hashes of `groups` from memory, written into `hashes` at their places. */
+export async function rehashInto(file: string, hashes: Buffer, groups: readonly number[]): Promise<void> {
+  if (!groups.length) return;
+  const h = await hashSome(file, groups);
+  groups.forEach((g, i) => h.copy(hashes, g * RAM_HASH_BYTES, i * RAM_HASH_BYTES, (i + 1) * RAM_HASH_BYTES));
 }
 
 /** Indexes of groups whose hashes differ. */
@@ -140,4 +156,15 @@ export function writeGroup(file: string, g: number, data: Buffer): void {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** Fault injection: fills the last `n` all-zero groups of guest RAM with 0xa5 (free memory, so the guest does not mind). */
+export function scribbleFreeRam(file: string, bytes: number, n: number): number[] {
+  const done: number[] = [];
+  for (let g = Math.floor(bytes / RAM_GROUP) - 1; g >= 0 && done.length < n; g--) {
+    if (!readGroup(file, g).equals(ZERO)) continue;
+    writeGroup(file, g, Buffer.alloc(RAM_GROUP, 0xa5));
+    done.push(g);
+  }
+  return done;
 }

@@ -27,10 +27,14 @@ import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
-import { hashRam, RAM_HASH, readGroup, warmUp } from './ram-verify.js';
+import { hashRam, RAM_HASH, readGroup, scribbleFreeRam, warmUp } from './ram-verify.js';
 import { listenForQemu, type RamSource } from './ram-pipe.js';
 
-/** FERRY_DEBUG_MIGRATE=FILE: the RAM phase's QEMU figures and the queue, one JSON line per poll */
+/**
+ * FERRY_DEBUG_MIGRATE=FILE: the RAM phase's QEMU figures and the queue, one JSON line per poll,
+ * then the pause sampled every 5 ms (the destination adds its own line; ram-pipe.ts saves QEMU's
+ * stream after the pause to FILE.final-stream).
+ */
 const DEBUG = process.env.FERRY_DEBUG_MIGRATE;
 
 export interface MigrateOptions {
@@ -76,7 +80,7 @@ export interface MigrationView {
   error?: { code: string; message: string };
   disk: DiskStats & { total: number };
   ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
-  wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
+  wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; probedFrames?: number; doubledFrames?: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
   ioThrottleBps: number;
@@ -313,6 +317,10 @@ export class SourceMigration {
     const queuedAtPause = session.unackedPayload + this.ramSrc.backlog();
     const wireAtPause = session.stats.wireBytesSent;
     const streamAtPause = this.ramSrc.bytes() + this.ramSrc.backlog();
+    // FERRY_DEBUG_MIGRATE: the pause sampled every 5 ms (ms, stream bytes read, wire bytes sent,
+    // queue, frames copied, frames re-sent).
+    const samples: number[][] = [];
+    const sampler = DEBUG ? setInterval(() => samples.push([Date.now() - pausedAt, this.ramSrc!.bytes() + this.ramSrc!.backlog() - streamAtPause, session.stats.wireBytesSent - wireAtPause, session.unackedPayload, session.stats.framesRescued, session.stats.framesResent]), 5) : undefined;
     this.phase('switchover');
     timings.journaledAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
@@ -322,7 +330,7 @@ export class SourceMigration {
     timings.finalReadAt = Date.now();
     await sender.release(); // every read is done: nothing may hold the disks when QEMU inactivates them
     this.ramSrc!.ungate();
-    await this.peer.send({ t: 'final', n: finalN });
+    await this.peer.send({ t: 'final', n: finalN }, { urgent: true });
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
     await migrateContinue(qmp);
     timings.continuedAt = Date.now();
@@ -337,11 +345,16 @@ export class SourceMigration {
       // belong to that (measured on wan-10 with hashing from the pause on: QEMU's last 17 MB took
       // 190 ms to leave).
       const ramFile = this.host.ramFile(spec);
+      // Fault injection for the repair test: FERRY_FAULT=corrupt-ram changes 3 MiB of the paused
+      // guest's free (zero) RAM behind QEMU's back, as its missed dirty tracking leaves pages.
+      if (process.env.FERRY_FAULT === 'corrupt-ram' && fs.existsSync(ramFile)) scribbleFreeRam(ramFile, spec.memoryMiB * 2 ** 20, 3);
       const groups = fs.existsSync(ramFile) ? await hashRam(ramFile, spec.memoryMiB * 2 ** 20).catch(() => undefined) : undefined;
       timings.ramHashedAt = Date.now();
-      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) });
+      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) }, { urgent: true });
     }
     const answer = await outcome;
+    clearInterval(sampler);
+    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', pause: samples })}\n`);
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
 
     // ── Confirm ──
@@ -355,7 +368,7 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});
@@ -408,7 +421,7 @@ export class SourceMigration {
     const drain = s.drainRate();
     // The link's capacity: the best drain seen while the window was full (bulk copy).
     if (this.view.phase === 'disk' && drain > this.linkRate) this.linkRate = drain;
-    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, rescuedFrames: s.stats.framesRescued, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
+    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, rescuedFrames: s.stats.framesRescued, probedFrames: s.stats.framesProbed, doubledFrames: s.stats.framesDoubled, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
     const disk = this.view.disk;
     const rate = Math.max(this.linkRate, drain, 1);
     const diskRatio = s.stats.channels[3] && s.stats.channels[3].reduced ? s.stats.channels[3].raw / s.stats.channels[3].reduced : 1;

@@ -55,6 +55,9 @@ export interface SessionStats {
   minRttMs: number;
   /** frames copied to another connection because frames sent after them were acked first */
   framesRescued: number;
+  /** of those: copies made by the tail probe, and second copies of `copies: 2` messages */
+  framesProbed: number;
+  framesDoubled: number;
   /** per channel: raw message bytes handed to send(), and their reduced (wire payload) bytes */
   channels: Record<number, { raw: number; reduced: number }>;
 }
@@ -68,6 +71,8 @@ interface Outgoing {
   sentAt: number;
   /** a copy went out on another connection because later frames were acknowledged first */
   rescued: boolean;
+  /** sent on two connections at once (`send`'s `copies: 2`) */
+  twice?: boolean;
 }
 
 class Conn {
@@ -76,6 +81,8 @@ class Conn {
   /** bytes sent on this connection and not yet acknowledged: what striping balances */
   inflightBytes = 0;
   lastRx = Date.now();
+  /** performance.now() when a frame sent (only) on this connection was last acknowledged */
+  ackedAt = 0;
   timer: NodeJS.Timeout | undefined;
   constructor(readonly sock: Duplex) {}
 }
@@ -90,7 +97,7 @@ const SUSPECT_MS = 3500;
 
 export class Session extends EventEmitter {
   state: 'open' | 'stalled' | 'closed' = 'stalled';
-  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, framesRescued: 0, channels: {} };
+  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, framesRescued: 0, framesProbed: 0, framesDoubled: 0, channels: {} };
   private readonly conns = new Set<Conn>();
   private nextSeq = 1n;
   private readonly unacked = new Map<bigint, Outgoing>();
@@ -106,6 +113,7 @@ export class Session extends EventEmitter {
   private ackTimer: NodeJS.Timeout | undefined;
   private resumeTimer: NodeJS.Timeout | undefined;
   private pumpTimer: NodeJS.Timeout | undefined;
+  private readonly tailTimer: NodeJS.Timeout;
   private readonly peerCache: ContentCache;
   private readonly myCache: ContentCache;
   /** acked bytes/s (EWMA over ~1 s samples), for the window */
@@ -115,6 +123,8 @@ export class Session extends EventEmitter {
   private lastAckAt = performance.now();
   /** send time of the latest-sent frame known to have arrived (for `rescue`) */
   private ackedSentAt = 0;
+  /** round trip of that frame (RACK's RTT: it includes the queueing delay of the moment) */
+  private rackRtt = 0;
 
   private readonly ownLimit: TokenBucket | undefined;
 
@@ -124,6 +134,8 @@ export class Session extends EventEmitter {
     this.peerCache = new ContentCache(opts.cacheBytes, false);
     this.myCache = new ContentCache(opts.cacheBytes, true);
     this.armResumeLimit();
+    this.tailTimer = setInterval(() => this.probeTail(), 10);
+    this.tailTimer.unref();
   }
 
   /** Tells the sender side that the peer holds this content (a have/want exchange's result). */
@@ -161,9 +173,12 @@ export class Session extends EventEmitter {
   /**
    * Queues one message; resolves once it is inside the window (backpressure). `dedup: false`
    * skips the content cache for a stream whose messages never repeat (a byte stream cut at
-   * arbitrary offsets): no hashing, and no cache memory on either end.
+   * arbitrary offsets): no hashing, and no cache memory on either end. `maxLevel` caps the zstd
+   * level the link rate would choose (when CPU time matters more than a few % of wire bytes).
+   * `copies: 2` sends the frame on two connections at once, for a small message whose delay
+   * costs more than its bytes (the switchover's control messages on a lossy link).
    */
-  async send(channel: number, msg: Buffer, o: { dedup?: boolean } = {}): Promise<void> {
+  async send(channel: number, msg: Buffer, o: { dedup?: boolean; maxLevel?: number; copies?: 1 | 2 } = {}): Promise<void> {
     if (this.state === 'closed') throw new FerryError('TRANSPORT_CLOSED', 'transport session is closed');
     // One message is one frame: refuse it here, before it takes a sequence number the peer would
     // wait for forever.
@@ -172,12 +187,12 @@ export class Session extends EventEmitter {
       await new Promise<void>((r) => this.windowWaiters.push(r));
       if (this.isClosed()) throw new FerryError('TRANSPORT_CLOSED', 'transport session closed while sending');
     }
-    const r = reduce(msg, { ...this.opts.reduce, level: this.compressionLevel(), ...(o.dedup === false ? { dedup: false } : {}) }, this.peerCache);
+    const r = reduce(msg, { ...this.opts.reduce, level: Math.min(this.compressionLevel(), o.maxLevel ?? Infinity), ...(o.dedup === false ? { dedup: false } : {}) }, this.peerCache);
     const seq = this.nextSeq++;
     const cseq = this.chanNextTx.get(channel) ?? 1n;
     this.chanNextTx.set(channel, cseq + 1n);
     const frame: Frame = { type: FrameType.DATA, channel, flags: r.flags, seq, ack: 0n, cseq, payload: r.payload };
-    this.unacked.set(seq, { frame, size: r.payload.length, conn: null, sentOnce: false, sentAt: 0, rescued: false });
+    this.unacked.set(seq, { frame, size: r.payload.length, conn: null, sentOnce: false, sentAt: 0, rescued: false, ...(o.copies === 2 ? { twice: true } : {}) });
     if (this.unackedBytes === 0) this.lastAckAt = performance.now(); // progress is timed from here
     this.unackedBytes += r.payload.length;
     this.stats.messagesSent++;
@@ -299,6 +314,7 @@ export class Session extends EventEmitter {
     }
     this.conns.clear();
     for (const t of [this.ackTimer, this.resumeTimer, this.pumpTimer]) if (t) clearTimeout(t);
+    clearInterval(this.tailTimer);
     this.opts.limiter?.forget(this);
     this.wakeWindow();
     this.emit('close', reason);
@@ -391,6 +407,7 @@ export class Session extends EventEmitter {
       o.rescued = false;
       this.stats.framesSent++;
       this.write(c, { ...o.frame, ack: this.received });
+      if (o.twice) this.copy(o, 'urgent');
     }
   }
 
@@ -506,7 +523,11 @@ export class Session extends EventEmitter {
     this.ackedSince += o.size;
     const now = performance.now();
     this.lastAckAt = now;
-    if (o.sentAt > this.ackedSentAt) this.ackedSentAt = o.sentAt;
+    if (o.conn && !o.rescued) o.conn.ackedAt = now;
+    if (o.sentAt > this.ackedSentAt) {
+      this.ackedSentAt = o.sentAt;
+      if (!o.rescued) this.rackRtt = now - o.sentAt; // with two copies out, the sample is ambiguous
+    }
     if (now - this.ackSampleAt >= 500) {
       const rate = (this.ackedSince * 1000) / (now - this.ackSampleAt);
       this.ackRate = this.ackRate ? this.ackRate * 0.7 + rate * 0.3 : rate;
@@ -527,26 +548,69 @@ export class Session extends EventEmitter {
    * Only while the queue is shallow (at most a bandwidth-delay product, 128 KiB at least): a
    * frame's send time is when it entered its connection's kernel buffer, and with deep buffers a
    * frame behind more bytes is overtaken by later ones without being lost (measured on wan-10
-   * during the bulk disk copy: half the wire went to needless copies).
+   * during the bulk disk copy: half the wire went to needless copies). For the same reason, not
+   * while its own connection is seen delivering what was written to it before.
    */
   private rescue(): void {
     if (this.conns.size < 2 || !this.ackedSentAt) return;
     const now = performance.now();
     const rtt = Math.max(this.stats.minRttMs, 1);
     if (this.unackedBytes > Math.max(128 * 1024, (this.ackRate * rtt) / 1000)) return;
-    const before = this.ackedSentAt - Math.max(20, rtt / 4);
+    const margin = Math.max(20, rtt / 4);
+    const before = this.ackedSentAt - margin;
+    // Lost only once it is later than the latest delivered frame's round trip (which counts the
+    // queue it waited in) allows: with a deep queue, minimum-RTT timing copied frames in transit.
+    const late = Math.max(rtt, this.rackRtt) + margin;
     for (const o of this.unacked.values()) {
-      if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < rtt) continue;
-      let to: Conn | null = null;
-      for (const c of this.conns) {
-        if (c === o.conn || now - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
-        if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
-      }
-      if (!to) return;
-      o.rescued = true;
-      this.stats.framesRescued++;
-      this.write(to, { ...o.frame, ack: this.received });
+      if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < late) continue;
+      // Its connection delivers (a frame written to it earlier was just acknowledged): the frame
+      // waits in that connection's queue behind congestion-window-limited data, it is not lost.
+      if (now - o.conn.ackedAt < margin) continue;
+      if (!this.copy(o, 'rescue')) return;
     }
+  }
+
+  /**
+   * The frames at the tail of a burst (the switchover's last pages) have no later frame whose
+   * acknowledgement would reveal their loss to `rescue`; TCP itself finds a lost tail segment
+   * only after a probe timeout of about two round trips, or its retransmission timeout. When
+   * little is in flight, a frame not acknowledged within 1.5 minimum round trips (or 1.25 of the
+   * latest measured one) + 20 ms + the time the
+   * link needs for what is queued, although one written just before it was, is copied once to
+   * another connection.
+   */
+  private probeTail(): void {
+    if (this.conns.size < 2 || !this.unacked.size || !this.stats.minRttMs) return;
+    const rate = Math.max(this.ackRate, 100_000);
+    const rtt = this.stats.minRttMs;
+    if (this.unackedBytes > Math.max(64 * 1024, (rate * rtt) / 2000)) return;
+    const now = performance.now();
+    const due = Math.max(rtt * 1.5, this.rackRtt * 1.25) + 20 + (this.unackedBytes / rate) * 1000;
+    const near = Math.max(20, rtt / 4);
+    for (const o of this.unacked.values()) {
+      if (!o.conn || o.rescued || !o.sentAt || now - o.sentAt < due) continue;
+      // Only next to frames that did arrive: in an outage nothing sent since it began is acked,
+      // and copies onto connections as dead as the first would only count as re-sent.
+      if (o.sentAt - this.ackedSentAt > near) continue;
+      if (!this.copy(o, 'tail')) return;
+    }
+  }
+
+  /** Sends a copy of a presumed-lost frame on the least loaded other live connection (once). */
+  private copy(o: Outgoing, why: 'rescue' | 'tail' | 'urgent'): boolean {
+    const wall = Date.now(); // lastRx is wall-clock time (the old check compared it with performance.now())
+    let to: Conn | null = null;
+    for (const c of this.conns) {
+      if (c === o.conn || wall - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
+      if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
+    }
+    if (!to) return false;
+    o.rescued = true;
+    this.stats.framesRescued++;
+    if (why === 'tail') this.stats.framesProbed++;
+    if (why === 'urgent') this.stats.framesDoubled++;
+    this.write(to, { ...o.frame, ack: this.received });
+    return true;
   }
 
   private wakeWindow(): void {

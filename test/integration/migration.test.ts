@@ -175,9 +175,11 @@ describe('Ferry live migration', () => {
     await cleanup('ramcut');
   });
 
-  it('guest RAM that differs after QEMU loaded it is repaired from the source before the VM runs', async () => {
+  it('guest RAM that QEMU\'s stream left different is repaired from the source before the VM runs', async () => {
+    // The source agent changes 3 MiB of the paused guest's free RAM behind QEMU's back, as
+    // QEMU 7.2's missed dirty tracking under TCG does (docs/benchmarks.md, "Known issue").
+    await labRestartAgent(NAME, 'h1', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-ram' } });
     const vm = await boot('ramfix', { memoryMiB: 128 });
-    await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-ram' } });
     try {
       const v = await h1.post<MigrationView>('/v1/vms/ramfix/migrate', { to: 'h2' });
       const end = await waitFor('the migration', 300_000, async () => {
@@ -189,7 +191,7 @@ describe('Ferry live migration', () => {
       expect(end.result!.switchover!.ramRepairedMiB).toBeGreaterThanOrEqual(3);
       expect(await exactlyOneRunning('ramfix', vm.uuid)).toBe('h2');
     } finally {
-      await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM' });
+      await labRestartAgent(NAME, 'h1', { signal: 'SIGTERM' });
     }
     await cleanup('ramfix');
   });

@@ -102,6 +102,41 @@ describe('transport session', () => {
     rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
   });
 
+  it('copies the last frame of a burst, lost inside a live connection, once its ack is overdue (tail probe)', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    for (let i = 0; i < 5; i++) await client.send(3, message(i));
+    await client.flush();
+    // Every connection silently loses its next DATA frame: the burst's last frame is among them,
+    // and nothing is sent after it that could reveal the loss.
+    let dropped = 0;
+    for (const conn of (client as unknown as { conns: Set<{ sock: net.Socket }> }).conns) {
+      const write = conn.sock.write.bind(conn.sock) as (b: Buffer) => boolean;
+      let once = false;
+      (conn.sock as unknown as { write: (b: Buffer) => boolean }).write = (b: Buffer) => (b.length > 100 && !once && dropped < 1 ? ((once = true), dropped++, true) : write(b));
+    }
+    await client.send(3, message(5));
+    await client.flush();
+    expect(dropped).toBe(1);
+    expect(client.stats.framesRescued).toBeGreaterThanOrEqual(1);
+    expect(rx.msgs.length).toBe(6);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+  });
+
+  it('sends an urgent message on two connections at once and delivers it once', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    await client.send(3, message(0), { copies: 2 });
+    await client.send(3, message(1));
+    await client.flush();
+    expect(client.stats.framesRescued).toBe(1);
+    await waitUntil(() => server.stats.duplicatesDropped >= 1);
+    expect(rx.msgs.length).toBe(2);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+  });
+
   it('loses and duplicates nothing when connections are killed mid-transfer', async () => {
     const { client, server, listener } = await pair({ streams: 4, window: 256 * 1024 });
     const rx = collect(server);
