@@ -6,11 +6,13 @@
 // the pause hashes only the groups touched since: what QEMU's last iteration sent.
 //
 // Soundness: a group's early hash is kept only if no record for it was forwarded after the hash
-// was taken; QEMU writes guest RAM only from the stream, so the group cannot have changed since,
-// unless QEMU had not yet loaded a record it had read (MARGIN makes that unlikely).
-// Any group whose hash then differs from the source's is hashed again from memory before it
-// counts as different (`rehashInto`), so a stale early hash can cost time but never a wrong verdict.
+// was taken, and it is taken only once every record for the group lies MARGIN behind what QEMU's
+// socket has taken; QEMU loads each page as it parses its record, and at most its socket's kernel
+// buffer and its own read buffer lie between, so the group cannot change after the hash: QEMU
+// writes guest RAM only from the stream while it is incoming. A group whose hash still differs
+// from the source's is hashed again from memory before it counts as different (`rehashInto`).
 // If the reader meets a stream it does not know, every group is hashed in the pause, as before.
+// The source cannot do the same: its RAM is what QEMU's stream may miss (ram-verify.ts).
 import { MigrationStreamReader } from '../qemu/migration-stream.js';
 import { hashRam, hashSome, RAM_GROUP, RAM_HASH_BYTES, ramGroups } from './ram-verify.js';
 
