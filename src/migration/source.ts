@@ -295,7 +295,13 @@ export class SourceMigration {
         }
         if (Date.now() - lastParams > 1000) {
           lastParams = Date.now();
+          // QEMU's first pass keeps half a window queued: the link runs full, as in the bulk disk
+          // copy. A short disk copy (the demo's: 4 s, still in slow start) measured it at a fifth
+          // of its rate, and the pause budget, which counts the queue at that rate, fell to its
+          // floor: QEMU got a 20 ms limit and the guest its CPU throttled to 99 % for 20 s.
+          if (firstPass && !linkDown) this.linkRate = Math.max(this.linkRate, session.drainRate());
           const d = await this.control(qmp, (Date.now() - ramT0) / 1000, { queueBytes: gate.target(), linkDown });
+          if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, link: Math.round(this.linkRate), limit: d.downtimeLimitMs, predicted: d.predictedDowntimeMs })}\n`);
           await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
           await this.applyThrottle(qmp, spec, d.ioThrottleBps);
         }
