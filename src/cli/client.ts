@@ -56,13 +56,22 @@ export class AgentClient {
   }
 
   async raw(method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<Response> {
-    try {
-      return await fetch(this.base + path, {
+    const send = () =>
+      fetch(this.base + path, {
         method,
         headers: { authorization: `Bearer ${this.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
         body: body === undefined ? undefined : JSON.stringify(body),
         ...(signal ? { signal } : {}),
       });
+    try {
+      try {
+        return await send();
+      } catch (e) {
+        // A kept-alive connection the agent closed just as this request reused it ("other side
+        // closed"; seen once in CI under load). A GET changes nothing, so it is sent again once.
+        if (method !== 'GET' || (e as Error).name === 'AbortError' || (e as { cause?: { code?: string } }).cause?.code !== 'UND_ERR_SOCKET') throw e;
+        return await send();
+      }
     } catch (e) {
       if ((e as Error).name === 'AbortError') throw e;
       throw new FerryError('AGENT_UNREACHABLE', `cannot reach the agent at ${this.base} (is \`ferry agent run\` running?): ${(e as Error & { cause?: Error }).cause?.message ?? (e as Error).message}`, { cause: e });

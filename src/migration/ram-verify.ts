@@ -1,6 +1,7 @@
 // Why this file exists: checking guest RAM end to end at the switchover, and repairing it.
 // QEMU 7.2's RAM pre-copy under TCG has left guest pages stale at the destination although its
-// stream arrived intact (docs/benchmarks.md, "Known issue"). Guest RAM is a shared file
+// stream arrived intact: its dirty tracking at the source misses guest writes (docs/benchmarks.md,
+// "Known issue"). Guest RAM is a shared file
 // (cmdline.ts), so with both guests paused the agents compare it in 1 MiB groups: the source
 // hashes its RAM once QEMU's stream ended (it no longer changes), the destination once QEMU has
 // loaded the stream, re-using the hashes it took during the pre-copy of groups the stream has not
