@@ -13,6 +13,7 @@ import { serveSession, type DestHost, type DestinationMigration } from '../migra
 import { Journal } from '../migration/journal.js';
 import { TRANSPORT_PORT } from '../migration/protocol.js';
 import { recoverDest, recoverSource, type RecoverHost } from '../migration/recover.js';
+import { buildManifest } from '../migration/snapshot-chain.js';
 import { SourceMigration, type MigrateOptions, type MigrationView, type SourceHost } from '../migration/source.js';
 import type { MigrationRow, StateDb } from '../state/db.js';
 import { templateIndex } from '../storage/chunk-index.js';
@@ -106,6 +107,8 @@ export class Migrations {
       reserve: (name) => this.vms.reserve(name),
       release: (name) => this.vms.release(name),
       migratedAway: (name, to, keep) => this.vms.migratedAway(name, to, keep),
+      vmDir: (spec) => this.vms.paths(spec).dir,
+      chain: (spec) => buildManifest(this.vms.paths(spec).dir, this.db.snapshots(spec.name), this.db.snapshotCurrent(spec.name), spec.disks.map((d) => this.diskPath(spec, d.file))),
     };
   }
 
@@ -126,8 +129,8 @@ export class Migrations {
           return `guest image "${spec.image}" is not installed here: ${(e as Error).message}`;
         }
       },
-      createIncoming: async (spec, from, cacheDir) => {
-        const r = await this.vms.createIncoming(spec, from, { cacheDir });
+      createIncoming: async (spec, from, cacheDir, chain) => {
+        const r = await this.vms.createIncoming(spec, from, { cacheDir, ...(chain ? { chain } : {}) });
         return { inst: r.inst, bases: r.bases, spec: r.view.spec };
       },
       nbdSocket: (spec) => `${this.vms.paths(spec).qmpSocket}.mnbd`,
@@ -172,9 +175,7 @@ export class Migrations {
     if (v.state !== 'running') problems.push(`VM "${vm}" is ${v.state}; only a running VM can be live-migrated`);
     const active = [...this.jobs.values()].find((j) => j.vmName === vm && !j.view.endedAt);
     if (active) problems.push(`VM "${vm}" is already migrating (${active.id.slice(0, 8)})`);
-    const snaps = this.db.snapshots(vm).length;
-    if (snaps) problems.push(`VM "${vm}" has ${snaps} snapshot(s): delete them first (\`ferry snapshot delete\`); only a single-image disk chain is migrated`);
-    if (problems.length) throw new FerryError(active ? 'VM_BUSY' : !trusted ? 'HOST_NOT_FOUND' : snaps ? 'MIGRATION_REFUSED' : 'VM_NOT_RUNNING', problems.join('; '), { details: { problems } });
+    if (problems.length) throw new FerryError(active ? 'VM_BUSY' : !trusted ? 'HOST_NOT_FOUND' : 'VM_NOT_RUNNING', problems.join('; '), { details: { problems } });
     const m = new SourceMigration(this.sourceHost(), vm, o);
     this.jobs.set(m.id, m);
     void m.run().then(() => this.log(`migration ${m.id.slice(0, 8)} of ${vm} to ${to}: ${m.view.phase}${m.view.error ? ` (${m.view.error.message})` : ''}`));

@@ -20,6 +20,7 @@ import type { GuestStats } from '../qemu/serial.js';
 import type { StateDb, VmRecord } from '../state/db.js';
 import * as qcow2 from '../storage/qcow2.js';
 import { LIMITS, checkRange, isActive, validateName, validateWorkload, type DiskSpec, type NicSpec, type VmRuntime, type VmSpec } from '../vm/spec.js';
+import { backingPath, installChain, type ChainManifest } from '../migration/snapshot-chain.js';
 
 export interface CreateRequest {
   name: string;
@@ -210,7 +211,7 @@ export class VmManager {
    * workload), creates empty disks (an overlay on the same template when this host has it),
    * and starts QEMU paused with `-incoming defer`. State `incoming` until the migration finishes.
    */
-  async createIncoming(src: VmSpec, from: string, o: { cacheDir?: string } = {}): Promise<{ view: VmView; inst: QemuInstance; bases: ('template' | 'zero' | 'cached')[] }> {
+  async createIncoming(src: VmSpec, from: string, o: { cacheDir?: string; chain?: ChainManifest } = {}): Promise<{ view: VmView; inst: QemuInstance; bases: ('template' | 'zero' | 'cached')[] }> {
     const name = validateName(src?.name);
     if (this.db.getVm(name)) throw new FerryError('VM_EXISTS', `a VM named "${name}" already exists on this host`);
     return this.exclusive(name, async () => {
@@ -224,10 +225,25 @@ export class VmManager {
       fs.mkdirSync(p.dir, { recursive: true, mode: 0o700 });
       const bases: ('template' | 'zero' | 'cached')[] = [];
       try {
-        for (const d of src.disks) {
-          const file = `${d.id}.qcow2`;
+        // A VM with snapshots: its tree's files arrived in the cache; its disks are overlays on
+        // the current point of that chain, to which the migration copies the top layer only.
+        const snapshots = o.chain && o.cacheDir ? await installChain(o.chain, o.cacheDir, p.dir, name, spec) : [];
+        const taken = new Set(o.chain?.files.map((f) => f.name));
+        for (const [i, d] of src.disks.entries()) {
+          const file = freeName(d.id, taken);
           const cached = o.cacheDir ? path.join(o.cacheDir, file) : '';
-          if (cached && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes) {
+          const over = o.chain ? backingPath(o.chain.tops[i], p.dir) : undefined;
+          if (o.chain && cached && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes) {
+            fs.renameSync(cached, path.join(p.dir, file));
+            await qcow2.rebaseUnsafe(path.join(p.dir, file), over);
+            spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing ? { backing: d.backing } : {}) });
+            bases.push('cached');
+          } else if (o.chain) {
+            if (over) await qcow2.createOverlay(path.join(p.dir, file), over, d.sizeBytes);
+            else await qcow2.createBlank(path.join(p.dir, file), d.sizeBytes);
+            spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing ? { backing: d.backing } : {}) });
+            bases.push(over ? 'template' : 'zero');
+          } else if (cached && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes) {
             // A previous attempt's copy: the migration sends only what differs from it.
             fs.renameSync(cached, path.join(p.dir, file));
             spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing && fs.existsSync(d.backing) ? { backing: d.backing } : {}) });
@@ -242,8 +258,12 @@ export class VmManager {
             bases.push('zero');
           }
         }
-        this.db.insertVm(spec, { state: 'stopped' });
-        this.db.addEvent(name, 'created', `incoming migration from ${from}`);
+        this.db.tx(() => {
+          this.db.insertVm(spec, { state: 'stopped' });
+          for (const s of snapshots) this.db.putSnapshot({ ...s, prevSpec: spec });
+          if (o.chain) this.db.setSnapshotCurrent(name, o.chain.current);
+        });
+        this.db.addEvent(name, 'created', `incoming migration from ${from}${snapshots.length ? ` with ${snapshots.length} snapshot(s)` : ''}`);
         fs.mkdirSync(path.dirname(p.qmpSocket), { recursive: true });
         const inst = await freshLaunch(qemuArgs(spec, p, this.accel, { startPaused: true, incoming: true }), p);
         this.adopt(name, inst);
@@ -307,10 +327,11 @@ export class VmManager {
     const p = this.paths(rec.spec);
     fs.rmSync(cacheDir, { recursive: true, force: true });
     fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 });
-    for (const d of rec.spec.disks) {
-      const f = path.join(p.dir, d.file);
+    // The disks, and the snapshot tree's files (a retry sends only what these lack).
+    const snaps = this.db.snapshots(name).flatMap((s) => [...s.files, ...(s.stateFile ? [s.stateFile] : [])]);
+    for (const f of [...rec.spec.disks.map((d) => path.join(p.dir, d.file)), ...snaps.filter((x) => path.dirname(x) === p.dir)]) {
       try {
-        if (fs.existsSync(f)) fs.renameSync(f, path.join(cacheDir, d.file));
+        if (fs.existsSync(f)) fs.renameSync(f, path.join(cacheDir, path.basename(f)));
       } catch {
         fs.rmSync(f, { force: true }); // another filesystem (or full): no cache, a retry sends all
       }
@@ -573,4 +594,12 @@ export function macFor(uuid: string, index: number): string {
 function freshLaunch(args: string[], p: VmPaths): Promise<QemuInstance> {
   fs.rmSync(p.ramFile, { force: true });
   return QemuInstance.launch(args, p);
+}
+
+/** `<id>.qcow2`, or `<id>-top[N].qcow2` when a snapshot image of the migrated chain has that name. */
+function freeName(id: string, taken: Set<string>): string {
+  for (let n = 0; ; n++) {
+    const f = n === 0 ? `${id}.qcow2` : `${id}-top${n > 1 ? n : ''}.qcow2`;
+    if (!taken.has(f)) return f;
+  }
 }

@@ -23,6 +23,7 @@ import { CH, type Control, type PreparedDisk } from './protocol.js';
 import { differingGroups, hashRam, RAM_GROUP, RAM_HASH, rehashInto, warmUp, writeGroup } from './ram-verify.js';
 import { connectToQemu, type RamSink } from './ram-pipe.js';
 import { RamTracker, type RamTrackStats } from './ram-track.js';
+import { chainProblems, FileReceiver, type ChainManifest } from './snapshot-chain.js';
 
 /** FERRY_DEBUG_MIGRATE=FILE: the switchover as this side saw it, one JSON line (source.ts writes its own) */
 const DEBUG = process.env.FERRY_DEBUG_MIGRATE;
@@ -34,7 +35,8 @@ export interface DestHost {
   journal: Journal;
   vmExists(name: string): boolean;
   imageProblem(spec: VmSpec): string | null;
-  createIncoming(spec: VmSpec, from: string, cacheDir: string): Promise<{ inst: QemuInstance; bases: PreparedDisk['base'][]; spec: VmSpec }>;
+  /** `chain`: the VM's snapshot tree, whose files wait in `cacheDir` (snapshot-chain.ts) */
+  createIncoming(spec: VmSpec, from: string, cacheDir: string, chain?: ChainManifest): Promise<{ inst: QemuInstance; bases: PreparedDisk['base'][]; spec: VmSpec }>;
   nbdSocket(spec: VmSpec): string;
   ramSocket(spec: VmSpec): string;
   /** the guest-RAM file QEMU maps (cmdline.ts) */
@@ -107,6 +109,9 @@ export class DestinationMigration {
   private giveUp = false;
   /** this migration created the VM here (so an abort may remove it) */
   private created = false;
+  /** the VM's snapshot tree, and its files as they arrive (snapshot-chain.ts) */
+  private chain: ChainManifest | undefined;
+  private files: FileReceiver | undefined;
 
   constructor(private readonly host: DestHost, private readonly peer: Peer, readonly id: string, spec: VmSpec, private readonly from: string) {
     this.spec = spec;
@@ -128,7 +133,11 @@ export class DestinationMigration {
       problems.push(`QEMU versions differ: source "${m.qemuVersion}", destination "${this.host.qemuVersion}"`);
     }
     if (m.machine !== 'pc') problems.push(`machine type ${m.machine} is not supported here`);
-    const need = s.disks.reduce((a, d) => a + ((d as { allocatedBytes?: number }).allocatedBytes ?? d.sizeBytes), 0);
+    if (m.chain) {
+      this.chain = m.chain;
+      problems.push(...chainProblems(m.chain));
+    }
+    const need = s.disks.reduce((a, d) => a + ((d as { allocatedBytes?: number }).allocatedBytes ?? d.sizeBytes), 0) + (m.chain?.files.reduce((a, f) => a + f.size, 0) ?? 0);
     const st = fs.statfsSync(this.host.dataDir);
     const free = st.bavail * st.bsize;
     if (free < need * 1.05 + (64 << 20)) problems.push(`not enough disk space in ${this.host.dataDir}: ${Math.round(free / 2 ** 20)} MiB free, ${Math.round(need / 2 ** 20)} MiB needed`);
@@ -141,6 +150,10 @@ export class DestinationMigration {
     switch (m.t) {
       case 'prepare':
         void this.prepare(m);
+        break;
+      case 'files':
+      case 'files-done':
+        void this.onFiles(m);
         break;
       case 'verify':
         void (async () => {
@@ -184,13 +197,36 @@ export class DestinationMigration {
     } else if (ch === CH.RAM) {
       if (this.ram) this.writeRam(msg);
       else this.ramBacklog.push(msg);
+    } else if (ch === CH.FILE) {
+      this.fileReceiver().message(msg);
+    }
+  }
+
+  private fileReceiver(): FileReceiver {
+    return (this.files ??= new FileReceiver(cacheDirFor(this.host.dataDir, this.spec.uuid)));
+  }
+
+  /** The snapshot tree's files: say which are needed, then confirm all arrived intact. */
+  private async onFiles(m: Extract<Control, { t: 'files' | 'files-done' }>): Promise<void> {
+    try {
+      if (!this.chain) throw new FerryError('TRANSPORT_PROTOCOL', 'migration: files without a snapshot chain at begin');
+      const rx = this.fileReceiver();
+      if (m.t === 'files') {
+        const have = new Set(await rx.have(this.chain.files));
+        await this.peer.reply(m, { t: 'files-want', names: this.chain.files.filter((f) => !have.has(f.name)).map((f) => f.name) });
+      } else {
+        await rx.complete(this.chain.files);
+        await this.peer.reply(m, { t: 'files-ok' });
+      }
+    } catch (e) {
+      await this.peer.replyError(m, e);
     }
   }
 
   private async prepare(m: Extract<Control, { t: 'prepare' }>): Promise<void> {
     try {
       this.journal('prepare');
-      const r = await this.host.createIncoming(this.spec, this.from, cacheDirFor(this.host.dataDir, this.spec.uuid));
+      const r = await this.host.createIncoming(this.spec, this.from, cacheDirFor(this.host.dataDir, this.spec.uuid), this.chain);
       this.created = true;
       this.inst = r.inst;
       this.spec = r.spec;
@@ -216,7 +252,9 @@ export class DestinationMigration {
         });
         this.peer.session.advertise(idxs.flatMap((i) => i.hashes()));
       }
-      this.receiver = new DiskReceiver(this.nbds, this.peer, this.spec.disks.map((d) => d.backing));
+      // A disk over a snapshot chain has no template shortcut: blocks the top layer lacks may
+      // live in any image of the chain, not only in the template (base-hashes.ts).
+      this.receiver = new DiskReceiver(this.nbds, this.peer, this.spec.disks.map((d) => (this.chain ? undefined : d.backing)));
       this.receiver.onError = (e) => void this.fail(`disk write failed: ${e.message}`);
       this.journal('receiving');
       await this.peer.reply(m, { t: 'prepared', disks: this.spec.disks.map((d, i) => ({ id: d.id, sizeBytes: d.sizeBytes, base: r.bases[i]! })) });
@@ -307,7 +345,14 @@ export class DestinationMigration {
   private async finish(n: number): Promise<void> {
     const t: Record<string, number> = { finalAt: Date.now() };
     this.finalAt = t.finalAt;
-    clearInterval(this.ramTrackTimer); // the guest is paused: the last pages are what is left to hash
+    // The guest is paused and the link, not the cores, is what the last pages wait for: hash the
+    // groups they touch as QEMU loads them, every 10 ms, so that little is left once it is done.
+    clearInterval(this.ramTrackTimer);
+    const track = this.ramTrack;
+    if (track) {
+      this.ramTrackTimer = setInterval(() => void track.refresh(this.ram?.pending() ?? 1), 10);
+      this.ramTrackTimer.unref();
+    }
     try {
       this.journal('finishing');
       const rx = this.receiver!;
@@ -329,13 +374,21 @@ export class DestinationMigration {
       // write of the migration itself is in and verified, and the guest is paused: add it now,
       // off the pause's critical path (RAM is still arriving).
       for (let i = 0; i < this.spec.disks.length; i++) await bitmapAdd(qmp, `disk${i}`, 'ferry-after-switchover').catch(() => {});
-      for (;;) {
-        const st = await queryMigrate(qmp);
-        if (st.status === 'completed') break;
-        if (st.status === 'failed') throw new FerryError('QEMU_FAILED', `incoming RAM migration failed: ${st.error ?? ''}`);
-        if (this.phase === 'aborted') return;
-        if (this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before the RAM stream completed');
-        await sleep(10);
+      // QEMU's MIGRATION event (the `events` capability is on) wakes the poll the moment it is done.
+      let wake = () => {};
+      const onEvent = (e: { event: string }) => e.event === 'MIGRATION' && wake();
+      qmp.on('event', onEvent);
+      try {
+        for (;;) {
+          const st = await queryMigrate(qmp);
+          if (st.status === 'completed') break;
+          if (st.status === 'failed') throw new FerryError('QEMU_FAILED', `incoming RAM migration failed: ${st.error ?? ''}`);
+          if (this.phase === 'aborted') return;
+          if (this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before the RAM stream completed');
+          await Promise.race([sleep(10), new Promise<void>((r) => (wake = r))]);
+        }
+      } finally {
+        qmp.off('event', onEvent);
       }
       t.ramCompletedAt = Date.now();
       t.ramLastBytesAt = this.ram?.lastWriteAt() ?? 0;
@@ -344,6 +397,7 @@ export class DestinationMigration {
       t.ramEndAt = this.ramEndAt;
       t.ramRepairedMiB = this.ramRepairedGroups;
       if (this.ramTrackStats) t.ramHashedInPauseMiB = this.ramTrackStats.finalGroups;
+      t.framesRebuilt = this.peer.session.stats.framesRebuilt;
       this.journal('running');
       await cont(qmp);
       const at = Date.now();

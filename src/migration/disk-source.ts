@@ -12,7 +12,7 @@
 // every block it wrote. `verify()` compares group hashes of whole disks (two-level hash list).
 import { FerryError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
+import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel, migrationBitmaps, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import { templateBase } from './base-hashes.js';
 import { CHUNK, GROUP, groupCount, groupHashes, groupRanges, isZero, mergeRanges, select, sha256, splitAligned, totalBytes, type Range } from './blocks.js';
@@ -58,6 +58,14 @@ export class DiskSender {
   private badRounds = 0;
   /** where the final round's time went (ms from its start), for the switchover report */
   readonly finalTimings: Record<string, number> = {};
+  /** the step a dirty round is at (the switchover timeline says where the pause found it) */
+  roundStep = 'idle';
+  /**
+   * Set when QEMU paused the guest: the round in flight still sends what it read (correctness),
+   * but skips its clean-up (export and bitmap removal: QMP round trips the pause would wait for;
+   * stopping the NBD server drops the exports, and the bitmaps go with the source's copy).
+   */
+  switching = false;
   /** whole-disk verification: ms hashing here, and ms waiting for the peer's hashes after that */
   readonly verifyTimings = { hashMs: 0, waitMs: 0 };
 
@@ -83,8 +91,11 @@ export class DiskSender {
 
   /** Removes every trace (bitmaps, exports, NBD server). Safe to call twice. */
   async cleanup(): Promise<void> {
-    for (const d of this.disks) await exportDel(this.qmp, `fm-${d.node}`);
+    for (const d of this.disks) for (const id of [`fm-${d.node}`, `ff-${d.node}`]) await exportDel(this.qmp, id);
     await nbdServerStop(this.qmp);
+    // Every bitmap of this migration: a round the switchover interrupted leaves its own behind.
+    const mine = bitmapName(this.migId, 0).replace(/0$/, '');
+    for (const b of await migrationBitmaps(this.qmp).catch(() => [])) if (b.name.startsWith(mine)) await bitmapRemove(this.qmp, b.node, b.name);
     if (this.bitmap) for (const n of this.nodes) await bitmapRemove(this.qmp, n, this.bitmap);
     this.bitmap = '';
   }
@@ -143,8 +154,10 @@ export class DiskSender {
     this.stats.round++;
     const t0 = Date.now();
     const mark = (k: string) => {
+      this.roundStep = k;
       if (final) this.finalTimings[k] = Date.now() - t0;
     };
+    mark('start');
     if (final) {
       // The guest is paused: nothing new can be dirtied, so stop the bitmap instead of rotating.
       await this.qmp.execute('transaction', { actions: this.nodes.map((node) => ({ type: 'block-dirty-bitmap-disable', data: { node, name: old } })) });
@@ -160,8 +173,11 @@ export class DiskSender {
     // Exports and connections for every disk at once (each costs QMP and NBD round trips).
     const conns = await Promise.all(
       this.disks.map(async (d) => {
-        await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, bitmaps: [old] });
-        return NbdClient.connect({ path: this.nbdSocket }, d.node, [ctx]);
+        // The final round's exports have names of their own: the round the pause interrupted
+        // may have left its exports in place (`switching`).
+        const name = final ? `${d.node}-final` : d.node;
+        await exportAdd(this.qmp, { id: final ? `ff-${d.node}` : `fm-${d.node}`, node: d.node, name, writable: false, bitmaps: [old] });
+        return NbdClient.connect({ path: this.nbdSocket }, name, [ctx]);
       }),
     );
     mark('exports');
@@ -186,7 +202,7 @@ export class DiskSender {
       mark('closed');
       // At the switchover, stopping the NBD server (the caller's next step) drops the exports
       // and the bitmap goes with the rollback or the source copy; don't spend the pause on them.
-      if (!final) {
+      if (!final && !this.switching) {
         await Promise.all(this.disks.map((d) => exportDel(this.qmp, `fm-${d.node}`)));
         for (const d of this.disks) await bitmapRemove(this.qmp, d.node, old);
       }
@@ -198,6 +214,7 @@ export class DiskSender {
     this.stats.dirtyRate = this.stats.dirtyRate ? 0.5 * this.stats.dirtyRate + 0.5 * rate : rate;
     // The final round's barrier is answered after the switchover starts: the caller sends its
     // number in `final` and the destination refuses to run the VM unless it verifies.
+    mark('barrier');
     const n = await this.sendBarrier();
     if (!final) {
       // The answer is waited for unless the switchover starts meanwhile (then the destination's
@@ -206,6 +223,7 @@ export class DiskSender {
       answer.catch(() => {});
       await (stopWaiting ? Promise.race([answer, stopWaiting]) : answer);
     }
+    mark('idle');
     return { sent, barrier: n };
   }
 

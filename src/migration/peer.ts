@@ -88,7 +88,7 @@ export class Peer extends EventEmitter {
   }
 }
 
-const REPLIES = new Set(['begin-ok', 'prepared', 'hashes', 'ram-ready', 'ram-fixed', 'state', 'error']);
+const REPLIES = new Set(['begin-ok', 'files-want', 'files-ok', 'prepared', 'hashes', 'ram-ready', 'ram-fixed', 'state', 'error']);
 function isReply(m: Control): m is Req {
   return REPLIES.has(m.t);
 }

@@ -9,6 +9,8 @@
 //   3 DISK     disk records (priority 2): a 64-byte header, and for DATA the block's bytes as the
 //              next message on the same channel (separate, so the transport's dedup and zero
 //              elision see the bare block)
+//   4 FILE     snapshot images and memory states (snapshot-chain.ts, priority 3): per file a JSON
+//              message {name, size}, then its bytes in messages of ≤ 64 KiB
 //
 // Disk record header (big endian)
 //   0  u16 magic 0x4644 ("FD")   2 u8 version (1)   3 u8 kind (1 DATA, 2 ZERO, 3 BARRIER)
@@ -28,7 +30,10 @@
 //   D:            prepare ──► receiving ─────────► finishing ──► running ──► done
 //                    └───────────┴────────────────────┴──► aborted (QEMU killed, disks cached)
 //
-//   begin      S→D `begin` {spec, …}; D answers `begin-ok` {problems[]} — every refusal at once
+//   begin      S→D `begin` {spec, chain?, …}; D answers `begin-ok` {problems[]} — every refusal at once
+//   (files)    only for a VM with snapshots: S→D `files` {files}; D answers `files-want` {names}
+//              (those not already in its migration cache); S sends them on FILE, then `files-done`;
+//              D answers `files-ok` once each arrived whole with its SHA-256
 //   prepare    S→D `prepare`; D creates disks, starts QEMU -incoming defer, exports its disks
 //              on a local NBD socket; answers `prepared` {disks:[{id, base}]}
 //   disk       DISK records in rounds of dirty blocks; `verify` barrier → D answers group hashes
@@ -46,11 +51,12 @@
 //   query      after a crash, S asks `query` {id} on a new session; D answers `state` {phase}
 import { FerryError } from '../errors.js';
 import type { VmSpec } from '../vm/spec.js';
+import type { ChainFile, ChainManifest } from './snapshot-chain.js';
 
 export const PROTOCOL_VERSION = 1;
 export const TRANSPORT_PORT = 7451;
 
-export const CH = { CONTROL: 1, RAM: 2, DISK: 3 } as const;
+export const CH = { CONTROL: 1, RAM: 2, DISK: 3, FILE: 4 } as const;
 
 export enum RecordKind {
   DATA = 1,
@@ -121,7 +127,11 @@ export interface VerifyRequest {
 
 /** Control messages. `rid` pairs a request with its reply. */
 export type Control =
-  | { t: 'begin'; rid: number; id: string; spec: VmSpec; from: string; qemuVersion: string; machine: string }
+  | { t: 'begin'; rid: number; id: string; spec: VmSpec; from: string; qemuVersion: string; machine: string; chain?: ChainManifest }
+  | { t: 'files'; rid: number; files: ChainFile[] }
+  | { t: 'files-want'; rid: number; names: string[] }
+  | { t: 'files-done'; rid: number }
+  | { t: 'files-ok'; rid: number }
   | { t: 'begin-ok'; rid: number; problems: string[] }
   | { t: 'prepare'; rid: number; id: string }
   | { t: 'prepared'; rid: number; disks: PreparedDisk[] }

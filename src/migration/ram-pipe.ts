@@ -105,7 +105,9 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
       void pump();
     });
     c.on('close', () => {
-      if (DEBUG) fs.writeFileSync(`${DEBUG}.final-stream`, Buffer.concat(finalStream));
+      // Written later and asynchronously: a synchronous 17 MB write here held the event loop, and
+      // with it the pause, for 30–110 ms in every debug run of session 6.
+      if (DEBUG) setTimeout(() => fs.writeFile(`${DEBUG}.final-stream`, Buffer.concat(finalStream), () => {}), 5000).unref();
       closed = true;
       if (!pumping && spool.length === 0) finish();
       else void pump();

@@ -2,8 +2,10 @@
 // of the pause. Hashing all guest RAM after QEMU loaded it cost ~90 ms of every switchover on
 // the lab's two cores. The destination instead reads the stream it feeds QEMU
 // (qemu/migration-stream.ts) to learn which 1 MiB groups each page record touches, hashes a
-// group during the pre-copy once QEMU has read well past the last record that touched it, and in
-// the pause hashes only the groups touched since: what QEMU's last iteration sent.
+// group during the pre-copy once QEMU has read well past the last record that touched it, and once
+// QEMU has loaded everything hashes only the groups touched since and not yet hashed. In the
+// pause the same refresh runs every 10 ms (destination.ts): the last pages arrive at the link's
+// pace, so most groups they touch are hashed before QEMU is done.
 //
 // Soundness: a group's early hash is kept only if no record for it was forwarded after the hash
 // was taken, and it is taken only once every record for the group lies MARGIN behind what QEMU's

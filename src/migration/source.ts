@@ -19,6 +19,7 @@ import { FerryError } from '../errors.js';
 import { ioThrottle, migrateCancel, migrateContinue, migrateTo, queryMigrate, ramCapabilities, ramParameters, runState, cont, type RamStatus } from '../qemu/migration-ops.js';
 import type { QemuInstance } from '../qemu/instance.js';
 import type { GuestStats } from '../qemu/serial.js';
+import { topNodes } from '../qemu/snapshot-ops.js';
 import type { Session } from '../transport/session.js';
 import { sleep } from '../util/wait.js';
 import type { VmSpec } from '../vm/spec.js';
@@ -29,6 +30,7 @@ import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
 import { hashRam, RAM_HASH, readGroup, scribbleFreeRam, warmUp } from './ram-verify.js';
 import { listenForQemu, type RamSource } from './ram-pipe.js';
+import { sendFiles, type ChainManifest } from './snapshot-chain.js';
 
 /**
  * FERRY_DEBUG_MIGRATE=FILE: the RAM phase's QEMU figures and the queue, one JSON line per poll,
@@ -67,6 +69,10 @@ export interface SourceHost {
   reserve(name: string): void;
   release(name: string): void;
   migratedAway(name: string, to: string, keep: boolean): Promise<void>;
+  /** the VM's directory (its snapshot files are there) */
+  vmDir(spec: VmSpec): string;
+  /** the VM's snapshot tree, or undefined when it has none (snapshot-chain.ts) */
+  chain(spec: VmSpec): Promise<ChainManifest | undefined>;
 }
 
 export interface MigrationView {
@@ -80,7 +86,7 @@ export interface MigrationView {
   error?: { code: string; message: string };
   disk: DiskStats & { total: number };
   ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
-  wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; probedFrames?: number; doubledFrames?: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
+  wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; probedFrames?: number; doubledFrames?: number; parityFrames?: number; parityBytes?: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
   ioThrottleBps: number;
@@ -183,15 +189,23 @@ export class SourceMigration {
       }
     });
     const allocated = this.host.allocatedBytes(spec);
-    const begin = await this.peer.request<Extract<Control, { t: 'begin-ok' }>>({ t: 'begin', id: this.id, spec: { ...spec, disks: spec.disks.map((d, i) => ({ ...d, allocatedBytes: allocated[i] ?? d.sizeBytes })) } as VmSpec, from: this.host.hostName, qemuVersion: this.host.qemuVersion, machine: 'pc' }, 60_000);
+    const chain = await this.host.chain(spec);
+    const begin = await this.peer.request<Extract<Control, { t: 'begin-ok' }>>({ t: 'begin', id: this.id, spec: { ...spec, disks: spec.disks.map((d, i) => ({ ...d, allocatedBytes: allocated[i] ?? d.sizeBytes })) } as VmSpec, from: this.host.hostName, qemuVersion: this.host.qemuVersion, machine: 'pc', ...(chain ? { chain } : {}) }, 60_000);
     if (begin.problems.length) throw new FerryError('MIGRATION_REFUSED', `${this.o.to} refuses the migration: ${begin.problems.join('; ')}`, { details: { problems: begin.problems } });
     this.check();
+
+    // ── The snapshot tree's files (read-only while the migration holds the VM) ──
+    if (chain) await this.sendChain(spec, chain);
 
     // ── Prepare ──
     this.phase('prepare');
     const prep = await this.peer.request<Extract<Control, { t: 'prepared' }>>({ t: 'prepare', id: this.id }, 120_000);
     this.check();
-    const disks: SourceDisk[] = prep.disks.map((d: PreparedDisk, index) => ({ index, node: `disk${index}`, size: d.sizeBytes, base: d.base, ...(spec.disks[index]?.backing ? { backing: spec.disks[index]!.backing } : {}) }));
+    // The nodes the guest's disks read through now: after a snapshot they are the overlays, not
+    // the `diskN` nodes QEMU started with (those are frozen snapshot images further down).
+    const nodes = await topNodes(qmp, spec.disks.length);
+    // Over a snapshot chain there is no template shortcut for hashing (base-hashes.ts).
+    const disks: SourceDisk[] = prep.disks.map((d: PreparedDisk, index) => ({ index, node: nodes[index]!, size: d.sizeBytes, base: d.base, ...(spec.disks[index]?.backing && !chain ? { backing: spec.disks[index]!.backing } : {}) }));
     this.view.disk.total = disks.reduce((a, d) => a + d.size, 0);
 
     // ── Perform: disk ──
@@ -319,6 +333,12 @@ export class SourceMigration {
     if (!pausedAt) pausedAt = Date.now();
     stopDisk = true;
     const timings: Record<string, number> = { pausedAt, detectedAt: Date.now() };
+    const diskStepAtPause = sender.roundStep;
+    sender.switching = true;
+    // From here a round trip costs more than bytes: every few frames go out with their parity on
+    // another connection, so a segment lost in one TCP connection costs the destination no round
+    // trip of loss recovery (transport/parity.ts; on wan-10 with the pause's queue one is ~250 ms).
+    if (process.env.FERRY_PARITY !== '0') session.protect(true); // FERRY_PARITY=0: off, for comparisons
     // What was queued when QEMU paused the guest crosses during the pause, before the last pages.
     const queuedAtPause = session.unackedPayload + this.ramSrc.backlog();
     const wireAtPause = session.stats.wireBytesSent;
@@ -326,7 +346,7 @@ export class SourceMigration {
     // FERRY_DEBUG_MIGRATE: the pause sampled every 5 ms (ms, stream bytes read, wire bytes sent,
     // queue, frames copied, frames re-sent).
     const samples: number[][] = [];
-    const sampler = DEBUG ? setInterval(() => samples.push([Date.now() - pausedAt, this.ramSrc!.bytes() + this.ramSrc!.backlog() - streamAtPause, session.stats.wireBytesSent - wireAtPause, session.unackedPayload, session.stats.framesRescued, session.stats.framesResent]), 5) : undefined;
+    const sampler = DEBUG ? setInterval(() => samples.push([Date.now() - pausedAt, this.ramSrc!.bytes() + this.ramSrc!.backlog() - streamAtPause, session.stats.wireBytesSent - wireAtPause, session.unackedPayload, session.stats.framesRescued, session.stats.framesResent, session.stats.parityFrames]), 5) : undefined;
     this.phase('switchover');
     timings.journaledAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
@@ -359,8 +379,9 @@ export class SourceMigration {
       await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) }, { urgent: true });
     }
     const answer = await outcome;
+    session.protect(false);
     clearInterval(sampler);
-    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', pause: samples })}\n`);
+    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', diskStepAtPause, pause: samples })}\n`);
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
 
     // ── Confirm ──
@@ -374,12 +395,30 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destFramesRebuilt: dt.framesRebuilt ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});
     await this.session.flush().catch(() => {});
     this.phase('done');
+  }
+
+  /** Sends the snapshot files the destination lacks, and waits until it has them all, verified. */
+  private async sendChain(spec: VmSpec, chain: ChainManifest): Promise<void> {
+    const want = await this.peer!.request<Extract<Control, { t: 'files-want' }>>({ t: 'files', files: chain.files }, 120_000);
+    const files = chain.files.filter((f) => want.names.includes(f.name));
+    const total = files.reduce((a, f) => a + f.size, 0);
+    let done = 0;
+    const say = () => (this.view.note = `copying ${chain.snapshots.length} snapshot(s): ${Math.round(done / 2 ** 20)} of ${Math.round(total / 2 ** 20)} MiB (${chain.files.length - files.length} file(s) already there)`);
+    say();
+    await sendFiles(this.session!, this.host.vmDir(spec), files, (n) => {
+      done += n;
+      say();
+      this.check();
+    });
+    await this.peer!.request({ t: 'files-done' }, this.o.timeoutSec * 1000);
+    this.view.note = `${chain.snapshots.length} snapshot(s) copied: ${Math.round(total / 2 ** 20)} MiB`;
+    this.check();
   }
 
   private ramParams(d: ConvergeDecision): Record<string, number> {
@@ -427,7 +466,7 @@ export class SourceMigration {
     const drain = s.drainRate();
     // The link's capacity: the best drain seen while the window was full (bulk copy).
     if (this.view.phase === 'disk' && drain > this.linkRate) this.linkRate = drain;
-    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, rescuedFrames: s.stats.framesRescued, probedFrames: s.stats.framesProbed, doubledFrames: s.stats.framesDoubled, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
+    this.view.wire = { sentBytes: s.stats.wireBytesSent, framesSent: s.stats.framesSent, refFrames: s.stats.refFrames, zeroFrames: s.stats.zeroFrames, resentFrames: s.stats.framesResent, rescuedFrames: s.stats.framesRescued, probedFrames: s.stats.framesProbed, doubledFrames: s.stats.framesDoubled, parityFrames: s.stats.parityFrames, parityBytes: s.stats.parityBytes, linkBytesPerSec: this.linkRate, drainBytesPerSec: drain, stalls: s.stats.stalls, connections: s.connections, rttMs: s.stats.minRttMs };
     const disk = this.view.disk;
     const rate = Math.max(this.linkRate, drain, 1);
     const diskRatio = s.stats.channels[3] && s.stats.channels[3].reduced ? s.stats.channels[3].raw / s.stats.channels[3].reduced : 1;

@@ -36,6 +36,11 @@ export async function rebase(file: string, backing: string | undefined): Promise
   await run('qemu-img', ['rebase', '-q', '-f', 'qcow2', ...(backing ? ['-F', 'qcow2', '-b', backing] : ['-b', '']), file]);
 }
 
+/** Rewrites only the backing path in `file`'s header (the data is already there: a copied chain). */
+export async function rebaseUnsafe(file: string, backing: string | undefined): Promise<void> {
+  await run('qemu-img', ['rebase', '-q', '-u', '-f', 'qcow2', ...(backing ? ['-F', 'qcow2', '-b', backing] : ['-b', '']), file]);
+}
+
 export function remove(file: string): void {
   fs.rmSync(file, { force: true });
 }

@@ -81,7 +81,7 @@ export async function listen(o: { host: string; port: number; security: Security
     try {
       const { frame, rest } = await firstFrame(sock);
       if (frame.type !== FrameType.HELLO) return refuse(sock, 'first frame is not HELLO');
-      const h = JSON.parse(frame.payload.toString()) as { session?: string; resume?: boolean; recv?: string; above?: string[] };
+      const h = JSON.parse(frame.payload.toString()) as { session?: string; resume?: boolean; recv?: string; above?: string[]; parity?: boolean };
       if (typeof h.session !== 'string' || !/^[0-9a-f]{32}$/.test(h.session)) return refuse(sock, 'malformed session id');
       let s = sessions.get(h.session);
       if (s && peers.get(h.session) !== peer) return refuse(sock, `session ${h.session} belongs to another peer`);
@@ -96,7 +96,8 @@ export async function listen(o: { host: string; port: number; security: Security
         s.on('close', () => sessions.delete(h.session!));
         o.onSession(s, peer);
       }
-      sock.write(hello({ session: h.session, recv: String(s.received), above: s.receivedAbove() }, FrameType.WELCOME));
+      s.peerParity = h.parity === true;
+      sock.write(hello({ session: h.session, recv: String(s.received), above: s.receivedAbove(), parity: true }, FrameType.WELCOME));
       adopt(s, sock, BigInt(h.recv ?? '0'), rest, (h.above ?? []).map((x) => BigInt(x)));
     } catch (e) {
       refuse(sock, (e as Error).message);
@@ -196,11 +197,12 @@ export async function dial(o: DialOptions): Promise<Session> {
   let established = false;
   const one = async (slot: number): Promise<void> => {
     const sock = await connectOnce(o);
-    sock.write(hello({ session: id, resume: established, recv: String(session.received), above: session.receivedAbove(), conn: slot }, FrameType.HELLO));
+    sock.write(hello({ session: id, resume: established, recv: String(session.received), above: session.receivedAbove(), conn: slot, parity: true }, FrameType.HELLO));
     const { frame, rest } = await firstFrame(sock);
     if (frame.type === FrameType.CLOSE) throw new FerryError('TRANSPORT_CLOSED', `peer refused: ${frame.payload.toString()}`, { details: { refused: true } });
     if (frame.type !== FrameType.WELCOME) throw new FerryError('TRANSPORT_PROTOCOL', 'expected WELCOME');
-    const w = JSON.parse(frame.payload.toString()) as { recv: string; above?: string[] };
+    const w = JSON.parse(frame.payload.toString()) as { recv: string; above?: string[]; parity?: boolean };
+    session.peerParity = w.parity === true;
     established = true;
     adopt(session, sock, BigInt(w.recv), rest, (w.above ?? []).map((x) => BigInt(x)));
     await new Promise<void>((r) => sock.once('close', () => r()));

@@ -20,9 +20,9 @@
 //
 // Frame types:
 //   HELLO   (1) client → server, first frame of every connection. Payload JSON
-//               {session: 32 hex, resume: bool, recv: seq, above: [seq…], conn: index}.
+//               {session: 32 hex, resume: bool, recv: seq, above: [seq…], conn: index, parity: bool}.
 //               `above` lists DATA seqs received beyond `recv` (a selective ack, ≤ 4096).
-//   WELCOME (2) server → client reply. Payload JSON {session, recv, above}. An unknown session with
+//   WELCOME (2) server → client reply. Payload JSON {session, recv, above, parity}. An unknown session with
 //               resume=true, or a session of another peer, is answered with CLOSE and dropped.
 //   DATA    (3) one application message (≤ 1 MiB before reduction). ZERO: payload is a u32
 //               length of zero bytes. REF: payload is a 32-byte SHA-256 the receiver holds.
@@ -36,6 +36,13 @@
 //   HAVE    (8) payload: n × 32-byte SHA-256 (n ≤ 32768) of content the sender already holds
 //               (templates, backups, an earlier attempt); the peer may send such content as REF.
 //               Unreliable by design: a lost HAVE only costs bandwidth, never correctness.
+//   PARITY  (9) forward error correction over up to 64 DATA frames sent on distinct connections
+//               (parity.ts): u16 n, n × {u64 seq, u32 length}, then the XOR of the members'
+//               canonical encodings (this header with ack = 0, and the payload), zero-padded to
+//               the longest. A receiver missing exactly one member rebuilds it from the others
+//               (its CRC checks the result) without waiting for its connection's TCP recovery.
+//               Sent only to a peer whose HELLO/WELCOME said `parity: true`; unreliable by
+//               design, like HAVE.
 //
 // State of a session (each side):
 //
@@ -56,7 +63,8 @@
 // (backpressure on send()). Frames are striped onto the connection with the fewest
 // unacknowledged bytes.
 // Versions: a new version adds types/flags; a peer receiving a version it does not speak closes
-// the connection with CLOSE {reason: "version"}.
+// the connection with CLOSE {reason: "version"}. Optional frame types within a version are
+// offered in HELLO/WELCOME and sent only to a peer that offered them (PARITY: `parity: true`).
 import zlib from 'node:zlib';
 import { FerryError } from '../errors.js';
 
@@ -73,6 +81,7 @@ export enum FrameType {
   PONG = 6,
   CLOSE = 7,
   HAVE = 8,
+  PARITY = 9,
 }
 
 export const Flag = { ZSTD: 1, BROTLI: 2, ZERO: 4, REF: 8, CACHE: 16 } as const;
@@ -147,7 +156,7 @@ export class Decoder {
       const b = this.buf;
       if (b[0] !== VERSION) throw new ProtocolError(`unsupported protocol version ${b[0]}`);
       const type = b[1]!;
-      if (type < FrameType.HELLO || type > FrameType.HAVE) throw new ProtocolError(`invalid frame type ${type}`);
+      if (type < FrameType.HELLO || type > FrameType.PARITY) throw new ProtocolError(`invalid frame type ${type}`);
       const flags = b.readUInt32BE(4);
       if (flags & ~KNOWN_FLAGS || (type !== FrameType.DATA && flags)) throw new ProtocolError(`invalid flags ${flags} for type ${type}`);
       const len = b.readUInt32BE(32);

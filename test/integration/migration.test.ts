@@ -323,6 +323,45 @@ describe('Ferry live migration', () => {
     await cleanup('verify');
   });
 
+  it('a VM with snapshots (disk-only and with memory) moves with its tree; the destination reverts to it', async () => {
+    const vm = await boot('snapmig');
+    await h1.post('/v1/vms/snapmig/snapshots', { name: 's1' });
+    await sleep(1500);
+    await h1.post('/v1/vms/snapmig/snapshots', { name: 's2', memory: true });
+    await sleep(1500);
+    const before = await h1.get<{ current: string; snapshots: { name: string; parent: string | null; memory: boolean }[] }>('/v1/vms/snapmig/snapshots');
+    const srcRows = (await h1.get<VmView>('/v1/vms/snapmig')).spec;
+    const v = await h1.post<MigrationView>('/v1/vms/snapmig/migrate', { to: 'h2', keepSource: true });
+    const done = await waitFor('the migration', 300_000, async () => {
+      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+      return x.endedAt ? x : undefined;
+    });
+    expect(done.error).toBeUndefined();
+    expect(done.phase).toBe('done');
+    // Only the top layer was copied live: the snapshot images crossed as files before it.
+    expect(await exactlyOneRunning('snapmig', vm.uuid)).toBe('h2');
+    const after = await h2.get<typeof before>('/v1/vms/snapmig/snapshots');
+    expect(after.current).toBe(before.current);
+    expect(after.snapshots.map((x) => [x.name, x.parent, x.memory])).toEqual(before.snapshots.map((x) => [x.name, x.parent, x.memory]));
+    // Each snapshot's images read the same on both hosts (through their own chains).
+    const dir1 = path.join(lab.hosts[0]!.dataDir, 'vms', 'snapmig');
+    const dir2 = path.join(lab.hosts[1]!.dataDir, 'vms', 'snapmig');
+    const imgs = fs.readdirSync(dir1).filter((f) => /^vd[ab]\.qcow2$|^vd[ab]-[0-9a-f]{6}\.qcow2$/.test(f) && !srcRows.disks.some((d) => path.basename(d.file) === f));
+    expect(imgs.length).toBe(4); // two snapshots × two disks
+    for (const f of imgs) {
+      const c = spawnSync('qemu-img', ['compare', '-U', '-q', path.join(dir1, f), path.join(dir2, f)]);
+      expect(c.status, `${f}: ${c.stderr}`).toBe(0);
+      const info = JSON.parse(spawnSync('qemu-img', ['info', '-U', '--output=json', path.join(dir2, f)], { encoding: 'utf8' }).stdout) as { 'backing-filename'?: string };
+      expect(info['backing-filename']?.startsWith(dir1) ?? false).toBe(false); // rebased to h2's own files
+    }
+    // Revert at the destination to the memory snapshot: the guest continues from that moment.
+    const r = await h2.post<{ state: string }>('/v1/vms/snapmig/snapshots/s2/revert');
+    expect(r.state).toBe('running');
+    const hb = (await h2.get<GuestStats>('/v1/vms/snapmig/guest')).heartbeats;
+    await waitFor('heartbeats after the revert', 60_000, async () => ((await h2.get<GuestStats>('/v1/vms/snapmig/guest')).heartbeats > hb + 3 ? true : undefined));
+    await cleanup('snapmig');
+  });
+
   it('the destination disk fills up during the copy: a clear error, rollback, nothing lost', async () => {
     const vm = await boot('full', { diskMiB: 128 });
     // The lab host's agent and QEMU live in their own mount namespace (ip netns exec): mount and

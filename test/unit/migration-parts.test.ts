@@ -278,3 +278,52 @@ describe('RAM stream pacing (ram-pipe)', () => {
     src.close();
   });
 });
+
+describe('snapshot files (snapshot-chain)', () => {
+  it('sends a chain as files, checks each SHA-256, re-uses cached copies, and rebuilds the chain elsewhere', async () => {
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { execFileSync } = await import('node:child_process');
+    const chain = await import('../../src/migration/snapshot-chain.js');
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-chain-'));
+    const [src, cache, dst] = ['src', 'cache', 'dst'].map((d) => path.join(root, d));
+    for (const d of [src, cache, dst]) fs.mkdirSync(d);
+    const img = (f: string, backing?: string) => execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...(backing ? ['-F', 'qcow2', '-b', backing] : []), f, '4M']);
+    img(path.join(src, 'vdb.qcow2'));
+    execFileSync('qemu-io', ['-c', 'write -P 7 0 64k', path.join(src, 'vdb.qcow2')]);
+    img(path.join(src, 'vdb-aaaaaa.qcow2'), path.join(src, 'vdb.qcow2'));
+    fs.writeFileSync(path.join(src, 'state-s1-aaaaaa.bin'), crypto.randomBytes(200_000));
+    const spec = { name: 'v', uuid: 'u', vcpus: 1, memoryMiB: 64, disks: [], nics: [] };
+    const rows = [{ vm: 'v', name: 's1', parent: null, createdAt: 1, status: 'ready' as const, files: [path.join(src, 'vdb.qcow2')], stateFile: path.join(src, 'state-s1-aaaaaa.bin'), wasRunning: true, prevSpec: spec }];
+    const m = (await chain.buildManifest(src, rows, 's1', [path.join(src, 'vdb-aaaaaa.qcow2')]))!;
+    expect(m.files.map((f) => [f.name, f.image])).toEqual([['vdb.qcow2', true], ['state-s1-aaaaaa.bin', false]]);
+    expect(m.tops).toEqual([{ kind: 'file', name: 'vdb.qcow2' }]);
+    expect(chain.chainProblems(m)).toEqual([]);
+    expect(chain.chainProblems({ ...m, tops: [{ kind: 'template', path: '/nonexistent/t.qcow2' }] })[0]).toMatch(/lacks \/nonexistent/);
+    // Over a fake session: one header message, then the bytes in ≤ 64 KiB messages.
+    const rx = new chain.FileReceiver(cache);
+    const session = { send: async (_ch: number, b: Buffer) => rx.message(b) } as unknown as import('../../src/transport/session.js').Session;
+    let sent = 0;
+    await chain.sendFiles(session, src, m.files, (n) => (sent += n));
+    expect(sent).toBe(m.files.reduce((a, f) => a + f.size, 0));
+    await rx.complete(m.files);
+    // A retry finds them in the cache; a file that changed is not taken.
+    expect(await new chain.FileReceiver(cache).have(m.files)).toEqual(['vdb.qcow2', 'state-s1-aaaaaa.bin']);
+    expect(await new chain.FileReceiver(cache).have([{ ...m.files[1]!, sha256: '0'.repeat(64) }])).toEqual([]);
+    const bad = new chain.FileReceiver(path.join(root, 'bad'));
+    await chain.sendFiles({ send: async (_c: number, b: Buffer) => bad.message(b.length > 1000 ? Buffer.from(b).fill(1, 0, 1) : b) } as unknown as typeof session, src, m.files.slice(1), () => {});
+    await expect(bad.complete(m.files.slice(1))).rejects.toMatchObject({ code: 'VERIFY_FAILED' });
+    const junk = new chain.FileReceiver(path.join(root, 'junk'));
+    junk.message(Buffer.from('{"name":"../etc/passwd","size":1}'));
+    await expect(junk.complete(m.files)).rejects.toMatchObject({ code: 'MIGRATION_FAILED' });
+    // Installed elsewhere: moved into the VM's directory, backing paths pointing there.
+    const installed = await chain.installChain(m, cache, dst, 'v', spec);
+    expect(installed[0]!.files).toEqual([path.join(dst, 'vdb.qcow2')]);
+    expect(installed[0]!.stateFile).toBe(path.join(dst, 'state-s1-aaaaaa.bin'));
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', chain.backingPath(m.tops[0], dst)!, path.join(dst, 'top.qcow2')]);
+    const read = execFileSync('qemu-io', ['-c', 'read -P 7 0 64k', path.join(dst, 'top.qcow2')], { encoding: 'utf8' });
+    expect(read).toMatch(/read 65536\/65536/);
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+});

@@ -137,6 +137,25 @@ describe('transport session', () => {
     rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
   });
 
+  it('rebuilds a frame lost inside a live connection from parity, with protection on', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    expect(client.peerParity).toBe(true);
+    client.protect(true, 3);
+    // One connection silently loses one DATA frame and then everything (it stalls for good).
+    const conn = [...(client as unknown as { conns: Set<{ sock: net.Socket }> }).conns][0]!;
+    let dropped = 0;
+    (conn.sock as unknown as { write: (b: Buffer) => boolean }).write = (b: Buffer) => (b[1] === FrameType.DATA && dropped++, true);
+    for (let i = 0; i < 40; i++) await client.send(3, message(i));
+    await waitUntil(() => rx.msgs.length === 40, 5000);
+    expect(dropped).toBeGreaterThan(0);
+    expect(server.stats.framesRebuilt).toBeGreaterThanOrEqual(1);
+    expect(client.stats.parityFrames).toBeGreaterThanOrEqual(1);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+    client.protect(false);
+  });
+
   it('loses and duplicates nothing when connections are killed mid-transfer', async () => {
     const { client, server, listener } = await pair({ streams: 4, window: 256 * 1024 });
     const rx = collect(server);
