@@ -42,6 +42,7 @@ export function progressLine(v: MigrationView): string {
       return `${el} ram ${bar(frac)} remaining ${formatBytes(r?.remaining ?? 0)}, dirty ${!r?.dirtyBytesPerSec && r && r.transferred < r.total ? '– (measured after the first pass)' : `${formatBytes(r?.dirtyBytesPerSec ?? 0)}/s`}${r?.cpuThrottle ? ` cpu-throttle ${r.cpuThrottle}%` : ''}, disk round ${v.disk.round}${wire}${thr}${pd}${eta}${stall}`;
     }
     default:
+      if (v.files && v.phase === 'begin') return `${el} snapshot files ${bar(v.files.total ? v.files.done / v.files.total : 1)} ${formatBytes(v.files.done)}/${formatBytes(v.files.total)}${wire}${stall}`;
       return `${el} ${v.phase}${wire}${stall}`;
   }
 }

@@ -89,6 +89,8 @@ export interface MigrationView {
   wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; probedFrames?: number; doubledFrames?: number; parityFrames?: number; parityBytes?: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
+  /** a VM with snapshots: their files, copied before the live part (bytes) */
+  files?: { done: number; total: number; snapshots: number };
   ioThrottleBps: number;
   note: string;
   verify: { mode: 'full' | 'sample'; groups: number; differing: number } | null;
@@ -288,7 +290,10 @@ export class SourceMigration {
     let st: RamStatus;
     try {
       for (;;) {
-        st = pausedAt ? { ...(await queryMigrate(qmp)), status: 'pre-switchover' } : await queryMigrate(qmp);
+        // The guest is paused: not one more QMP round trip before the switchover starts (each
+        // waits behind whatever QEMU's monitor is doing; one run lost 55 ms so).
+        if (pausedAt) break;
+        st = await queryMigrate(qmp);
         this.view.ram = { transferred: st.transferred, remaining: st.remaining, total: st.total, dirtyBytesPerSec: st.dirtyPagesRate * st.pageSize, cpuThrottle: st.cpuThrottle, streamBytes: this.ramSrc.bytes() };
         if (st.status === 'pre-switchover') break;
         firstPass = st.dirtySyncCount < 2;
@@ -316,7 +321,9 @@ export class SourceMigration {
           if (firstPass && !linkDown) this.linkRate = Math.max(this.linkRate, session.drainRate());
           const d = await this.control(qmp, (Date.now() - ramT0) / 1000, { queueBytes: gate.target(), linkDown });
           if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, link: Math.round(this.linkRate), limit: d.downtimeLimitMs, predicted: d.predictedDowntimeMs })}\n`);
+          if (pausedAt) break;
           await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
+          if (pausedAt) break;
           await this.applyThrottle(qmp, spec, d.ioThrottleBps);
         }
         await Promise.race([sleep(100), diskLoop, preSwitch]);
@@ -408,12 +415,10 @@ export class SourceMigration {
     const want = await this.peer!.request<Extract<Control, { t: 'files-want' }>>({ t: 'files', files: chain.files }, 120_000);
     const files = chain.files.filter((f) => want.names.includes(f.name));
     const total = files.reduce((a, f) => a + f.size, 0);
-    let done = 0;
-    const say = () => (this.view.note = `copying ${chain.snapshots.length} snapshot(s): ${Math.round(done / 2 ** 20)} of ${Math.round(total / 2 ** 20)} MiB (${chain.files.length - files.length} file(s) already there)`);
-    say();
+    const view = (this.view.files = { done: 0, total, snapshots: chain.snapshots.length });
+    this.view.note = `copying the files of ${chain.snapshots.length} snapshot(s) (${chain.files.length - files.length} of ${chain.files.length} already at the destination)`;
     await sendFiles(this.session!, this.host.vmDir(spec), files, (n) => {
-      done += n;
-      say();
+      view.done += n;
       this.check();
     });
     await this.peer!.request({ t: 'files-done' }, this.o.timeoutSec * 1000);

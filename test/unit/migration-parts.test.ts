@@ -238,6 +238,10 @@ describe('progress line', () => {
     expect(progressLine(view({ phase: 'ram', ram }))).toContain('dirty – (measured after the first pass)');
     expect(progressLine(view({ phase: 'ram', ram: { ...ram, transferred: 200 } }))).toContain('dirty 0 B/s');
   });
+
+  it('shows the snapshot files being copied before the live part', () => {
+    expect(progressLine(view({ phase: 'begin', files: { done: 1 << 20, total: 4 << 20, snapshots: 2 } }))).toMatch(/snapshot files \[#+\.+\] 1(\.0)? MiB\/4(\.0)? MiB/);
+  });
 });
 
 describe('RAM stream pacing (ram-pipe)', () => {
