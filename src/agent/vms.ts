@@ -232,18 +232,18 @@ export class VmManager {
         for (const [i, d] of src.disks.entries()) {
           const file = freeName(d.id, taken);
           const cached = o.cacheDir ? path.join(o.cacheDir, file) : '';
-          const over = o.chain ? backingPath(o.chain.tops[i], p.dir) : undefined;
-          if (o.chain && cached && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes) {
-            fs.renameSync(cached, path.join(p.dir, file));
-            await qcow2.rebaseUnsafe(path.join(p.dir, file), over);
-            spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing ? { backing: d.backing } : {}) });
-            bases.push('cached');
-          } else if (o.chain) {
-            if (over) await qcow2.createOverlay(path.join(p.dir, file), over, d.sizeBytes);
+          const reuse = cached !== '' && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes;
+          if (o.chain) {
+            // On the chain's current point: a previous attempt's copy (pointed there again), or new.
+            const over = backingPath(o.chain.tops[i], p.dir);
+            if (reuse) {
+              fs.renameSync(cached, path.join(p.dir, file));
+              await qcow2.rebaseUnsafe(path.join(p.dir, file), over);
+            } else if (over) await qcow2.createOverlay(path.join(p.dir, file), over, d.sizeBytes);
             else await qcow2.createBlank(path.join(p.dir, file), d.sizeBytes);
             spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing ? { backing: d.backing } : {}) });
-            bases.push(over ? 'template' : 'zero');
-          } else if (cached && fs.existsSync(cached) && (await qcow2.info(cached)).virtualSize === d.sizeBytes) {
+            bases.push(reuse ? 'cached' : over ? 'template' : 'zero');
+          } else if (reuse) {
             // A previous attempt's copy: the migration sends only what differs from it.
             fs.renameSync(cached, path.join(p.dir, file));
             spec.disks.push({ id: d.id, file, sizeBytes: d.sizeBytes, ...(d.backing && fs.existsSync(d.backing) ? { backing: d.backing } : {}) });

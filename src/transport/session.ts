@@ -196,22 +196,22 @@ export class Session extends EventEmitter {
     s.k = Math.min(s.k, Math.max(2, this.conns.size - 1));
     const closed = s.add(f, c, performance.now());
     if (closed) this.sendParity(closed.frames, closed.conns);
-    if (!this.stripeTimer && s.open) this.stripeTimer = setTimeout(() => ((this.stripeTimer = undefined), this.flushStripe(false)), STRIPE_HOLD_MS);
+    this.armStripeTimer();
   }
 
+  /** Sends the open stripe's parity once it is due (`force`: now); looks again while one is open. */
   private flushStripe(force: boolean): void {
     const due = this.striper?.due(performance.now(), force);
     if (due) this.sendParity(due.frames, due.conns);
-    if (!force && this.striper?.open && !this.stripeTimer) this.stripeTimer = setTimeout(() => ((this.stripeTimer = undefined), this.flushStripe(false)), STRIPE_HOLD_MS);
+    if (!force) this.armStripeTimer();
+  }
+
+  private armStripeTimer(): void {
+    if (!this.stripeTimer && this.striper?.open) this.stripeTimer = setTimeout(() => ((this.stripeTimer = undefined), this.flushStripe(false)), STRIPE_HOLD_MS);
   }
 
   private sendParity(frames: Frame[], members: Set<Conn>): void {
-    const wall = Date.now();
-    let to: Conn | null = null;
-    for (const c of this.conns) {
-      if (members.has(c) || wall - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
-      if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
-    }
+    const to = this.spare((c) => members.has(c));
     if (!to) return;
     const payload = encodeParity(frames);
     this.stats.parityFrames++;
@@ -687,12 +687,7 @@ export class Session extends EventEmitter {
 
   /** Sends a copy of a presumed-lost frame on the least loaded other live connection (once). */
   private copy(o: Outgoing, why: 'rescue' | 'tail' | 'urgent'): boolean {
-    const wall = Date.now(); // lastRx is wall-clock time (the old check compared it with performance.now())
-    let to: Conn | null = null;
-    for (const c of this.conns) {
-      if (c === o.conn || wall - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
-      if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
-    }
+    const to = this.spare((c) => c === o.conn);
     if (!to) return false;
     o.rescued = true;
     this.stats.framesRescued++;
@@ -700,6 +695,17 @@ export class Session extends EventEmitter {
     if (why === 'urgent') this.stats.framesDoubled++;
     this.write(to, { ...o.frame, ack: this.received });
     return true;
+  }
+
+  /** The least loaded live connection that `skip` does not exclude (for copies and parity). */
+  private spare(skip: (c: Conn) => boolean): Conn | null {
+    const wall = Date.now(); // lastRx is wall-clock time (an old check compared it with performance.now())
+    let to: Conn | null = null;
+    for (const c of this.conns) {
+      if (skip(c) || wall - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
+      if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
+    }
+    return to;
   }
 
   private wakeWindow(): void {
