@@ -423,6 +423,7 @@ export class DestinationMigration {
 
   async abort(reason: string): Promise<void> {
     if (this.phase === 'running' || this.phase === 'done' || this.phase === 'aborted') return;
+    this.files?.close(); // whole snapshot files stay in the cache for a retry
     // Refused at Begin: nothing was created here (a VM of that name may be someone else's).
     if (this.phase === 'begin') {
       host_forget(this.host, this.id);

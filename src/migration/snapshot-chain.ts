@@ -178,8 +178,12 @@ export class FileReceiver {
     }
   }
 
+  /** Stops receiving: a file cut short is removed; whole ones stay (a retry's cache). */
   close(): void {
-    if (this.cur) fs.closeSync(this.cur.fd);
+    if (this.cur) {
+      fs.closeSync(this.cur.fd);
+      fs.rmSync(path.join(this.dir, `${this.cur.name}.part`), { force: true });
+    }
     this.cur = undefined;
     this.error ??= new Error('closed');
     for (const w of this.waiters.splice(0)) w();
