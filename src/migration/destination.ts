@@ -275,15 +275,23 @@ export class DestinationMigration {
       warmUp();
       const file = this.host.ramFile(this.spec);
       if (fs.existsSync(file)) {
-        const track = (this.ramTrack = new RamTracker(file, this.spec.memoryMiB * 2 ** 20));
-        this.ramTrackTimer = setInterval(() => void track.refresh(this.ram?.pending() ?? 1), 100);
-        this.ramTrackTimer.unref();
+        this.ramTrack = new RamTracker(file, this.spec.memoryMiB * 2 ** 20);
+        this.trackRamEvery(100);
       }
       for (const b of this.ramBacklog.splice(0)) this.writeRam(b);
       await this.peer.reply(m, { t: 'ram-ready' });
     } catch (e) {
       await this.peer.replyError(m, e);
     }
+  }
+
+  /** (Re)starts the early RAM hashing (ram-track.ts) every `ms`. */
+  private trackRamEvery(ms: number): void {
+    clearInterval(this.ramTrackTimer);
+    const track = this.ramTrack;
+    if (!track) return;
+    this.ramTrackTimer = setInterval(() => void track.refresh(this.ram?.pending() ?? 1), ms);
+    this.ramTrackTimer.unref();
   }
 
   private writeRam(b: Buffer): void {
@@ -347,12 +355,7 @@ export class DestinationMigration {
     this.finalAt = t.finalAt;
     // The guest is paused and the link, not the cores, is what the last pages wait for: hash the
     // groups they touch as QEMU loads them, every 10 ms, so that little is left once it is done.
-    clearInterval(this.ramTrackTimer);
-    const track = this.ramTrack;
-    if (track) {
-      this.ramTrackTimer = setInterval(() => void track.refresh(this.ram?.pending() ?? 1), 10);
-      this.ramTrackTimer.unref();
-    }
+    this.trackRamEvery(10);
     try {
       this.journal('finishing');
       const rx = this.receiver!;

@@ -12,7 +12,7 @@
 // every block it wrote. `verify()` compares group hashes of whole disks (two-level hash list).
 import { FerryError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import { bitmapAdd, bitmapName, bitmapRemove, bitmapRotate, exportAdd, exportDel, migrationBitmaps, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
+import { bitmapAdd, bitmapName, bitmapPrefix, bitmapRemove, bitmapRotate, exportAdd, exportDel, migrationBitmaps, nbdServerStart, nbdServerStop } from '../qemu/migration-ops.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import { templateBase } from './base-hashes.js';
 import { CHUNK, GROUP, groupCount, groupHashes, groupRanges, isZero, mergeRanges, select, sha256, splitAligned, totalBytes, type Range } from './blocks.js';
@@ -94,7 +94,7 @@ export class DiskSender {
     for (const d of this.disks) for (const id of [`fm-${d.node}`, `ff-${d.node}`]) await exportDel(this.qmp, id);
     await nbdServerStop(this.qmp);
     // Every bitmap of this migration: a round the switchover interrupted leaves its own behind.
-    const mine = bitmapName(this.migId, 0).replace(/0$/, '');
+    const mine = bitmapPrefix(this.migId);
     for (const b of await migrationBitmaps(this.qmp).catch(() => [])) if (b.name.startsWith(mine)) await bitmapRemove(this.qmp, b.node, b.name);
     if (this.bitmap) for (const n of this.nodes) await bitmapRemove(this.qmp, n, this.bitmap);
     this.bitmap = '';

@@ -7,7 +7,9 @@ import type { QmpClient } from './qmp.js';
 
 /** Bitmap names Ferry's migration creates: `ferry-m<id8>-<round>`; cleanup removes the prefix. */
 export const BITMAP_PREFIX = 'ferry-m';
-export const bitmapName = (migId: string, round: number) => `${BITMAP_PREFIX}${migId.slice(0, 8)}-${round}`;
+/** The prefix of every bitmap of one migration. */
+export const bitmapPrefix = (migId: string) => `${BITMAP_PREFIX}${migId.slice(0, 8)}-`;
+export const bitmapName = (migId: string, round: number) => `${bitmapPrefix(migId)}${round}`;
 
 export async function nbdServerStart(qmp: QmpClient, sock: string): Promise<void> {
   await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
