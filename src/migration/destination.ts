@@ -21,12 +21,18 @@ import type { DestPhase, Journal } from './journal.js';
 import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
 import { differingGroups, hashRam, RAM_GROUP, RAM_HASH, rehashInto, warmUp, writeGroup } from './ram-verify.js';
+import { RAM_CODEC_VERSION, RamDecoder } from './ram-codec.js';
 import { connectToQemu, type RamSink } from './ram-pipe.js';
 import { RamTracker, type RamTrackStats } from './ram-track.js';
 import { chainProblems, FileReceiver, type ChainManifest } from './snapshot-chain.js';
 
 /** FERRY_DEBUG_MIGRATE=FILE: the switchover as this side saw it, one JSON line (source.ts writes its own) */
 const DEBUG = process.env.FERRY_DEBUG_MIGRATE;
+/**
+ * Fault injection for the stream check: FERRY_FAULT=corrupt-ram-stream flips a bit in the middle
+ * of the 100th RAM message as decoded, as a codec or transport fault would.
+ */
+const CORRUPT_STREAM = process.env.FERRY_FAULT === 'corrupt-ram-stream';
 
 export interface DestHost {
   hostName: string;
@@ -93,12 +99,17 @@ export class DestinationMigration {
   private ramBacklog: Buffer[] = [];
   /** which guest-RAM groups the stream touched, and their early hashes (ram-track.ts) */
   private ramTrack: RamTracker | undefined;
+  /** set when the source's RAM stream comes page-delta encoded (ram-codec.ts) */
+  private ramDecoder: RamDecoder | undefined;
+  private ramBroken = false;
+  private ramMessages = 0;
   private ramTrackTimer: NodeJS.Timeout | undefined;
   private ramTrackStats: RamTrackStats | undefined;
   /** FERRY_DEBUG_MIGRATE: RAM messages after the `final` barrier came ([ms after it, bytes]) */
   private finalAt = 0;
   private ramEndAt = 0;
   private ramAfterFinal: number[][] = [];
+  private decodeMsAfterFinal = 0;
   private ramEnd: Extract<Control, { t: 'ram-end' }> | undefined;
   private indexes: ChunkIndex[] = [];
   /** 1 MiB groups of guest RAM that QEMU's stream left different and that were repaired */
@@ -278,8 +289,12 @@ export class DestinationMigration {
         this.ramTrack = new RamTracker(file, this.spec.memoryMiB * 2 ** 20);
         this.trackRamEvery(100);
       }
+      // The source's page-delta codec, if offered in a version this agent decodes: its page cache
+      // is at most the guest's RAM (what this host is about to hold anyway) and 1 GiB.
+      const codec = m.codec?.v === RAM_CODEC_VERSION && m.codec.cacheBytes > 0 && m.codec.cacheBytes <= Math.min(this.spec.memoryMiB, 1024) * 2 ** 20 ? m.codec : undefined;
+      if (codec) this.ramDecoder = new RamDecoder(codec.cacheBytes);
       for (const b of this.ramBacklog.splice(0)) this.writeRam(b);
-      await this.peer.reply(m, { t: 'ram-ready' });
+      await this.peer.reply(m, { t: 'ram-ready', ...(codec ? { codec: codec.v } : {}) });
     } catch (e) {
       await this.peer.replyError(m, e);
     }
@@ -294,8 +309,21 @@ export class DestinationMigration {
     this.ramTrackTimer.unref();
   }
 
-  private writeRam(b: Buffer): void {
-    if (DEBUG && this.finalAt) this.ramAfterFinal.push([Date.now() - this.finalAt, b.length]);
+  private writeRam(m: Buffer): void {
+    if (DEBUG && this.finalAt) this.ramAfterFinal.push([Date.now() - this.finalAt, m.length]);
+    if (this.ramBroken) return;
+    let b = m;
+    try {
+      const t0 = performance.now();
+      if (this.ramDecoder) b = this.ramDecoder.push(m);
+      if (DEBUG && this.finalAt) this.decodeMsAfterFinal += performance.now() - t0;
+    } catch (e) {
+      this.ramBroken = true; // what follows cannot be decoded either
+      void this.fail(`bad RAM stream message: ${(e as Error).message}`);
+      return;
+    }
+    if (!b.length) return;
+    if (CORRUPT_STREAM && ++this.ramMessages === 100) b[b.length >> 1] ^= 1;
     this.ramTrack?.feed(b);
     this.ram!.write(b);
   }
@@ -314,6 +342,7 @@ export class DestinationMigration {
     if (got.bytes !== e.bytes || got.sha256 !== e.sha256) {
       throw new FerryError('VERIFY_FAILED', `the RAM stream differs: the source's QEMU wrote ${e.bytes} bytes (sha256 ${e.sha256.slice(0, 16)}…), this QEMU was fed ${got.bytes} (${got.sha256.slice(0, 16)}…)`);
     }
+    this.ramDecoder = undefined; // the whole stream is in: its page cache (up to guest RAM) goes
     if (!e.groups) return; // the source's guest RAM is not file-backed: nothing to compare
     if (e.groupHash !== RAM_HASH) throw new FerryError('TRANSPORT_PROTOCOL', `the source hashes guest RAM with ${e.groupHash ?? 'SHA-256'}, this agent with ${RAM_HASH}`);
     const file = this.host.ramFile(this.spec);
@@ -407,7 +436,7 @@ export class DestinationMigration {
       t.contAt = at;
       this.host.activate(this.spec.name, this.from);
       await this.peer.send({ t: 'running', at, timings: t }, { urgent: true });
-      if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', timings: t, ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);
+      if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', timings: t, decodeMs: Math.round(this.decodeMsAfterFinal), ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);
       // Our NBD clients and server go after the guest runs: nothing writes through them now.
       for (const c of this.nbds) await c.close();
       await nbdServerStop(qmp);
@@ -435,6 +464,7 @@ export class DestinationMigration {
     this.journal('aborted', { error: reason });
     for (const i of this.indexes.splice(0)) i.close?.();
     this.ram?.close();
+    this.ramDecoder = undefined;
     clearInterval(this.ramTrackTimer);
     for (const c of this.nbds) await c.close().catch(() => {});
     // Only what this migration created: its VM record exists from the start of Prepare.

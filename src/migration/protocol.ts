@@ -5,7 +5,8 @@
 // Channels
 //   1 CONTROL  JSON messages {v:1, t, rid?, ...}: requests from the source, replies/events from
 //              the destination (priority 0)
-//   2 RAM      QEMU's migration stream, raw bytes, source QEMU → destination QEMU (priority 1)
+//   2 RAM      QEMU's migration stream, source QEMU → destination QEMU (priority 1): raw bytes,
+//              or ram-codec.ts messages once `ram-ready` accepted the codec
 //   3 DISK     disk records (priority 2): a 64-byte header, and for DATA the block's bytes as the
 //              next message on the same channel (separate, so the transport's dedup and zero
 //              elision see the bare block)
@@ -37,8 +38,9 @@
 //   prepare    S→D `prepare`; D creates disks, starts QEMU -incoming defer, exports its disks
 //              on a local NBD socket; answers `prepared` {disks:[{id, base}]}
 //   disk       DISK records in rounds of dirty blocks; `verify` barrier → D answers group hashes
-//   ram        S→D `ram-start`; D runs migrate-incoming and answers `ram-ready`; QEMU's stream
-//              flows on RAM; disk rounds continue
+//   ram        S→D `ram-start` {codec?}; D runs migrate-incoming and answers `ram-ready` {codec?};
+//              QEMU's stream flows on RAM (page-delta encoded if D accepted the codec,
+//              ram-codec.ts); disk rounds continue
 //   switchover QEMU paused at pre-switchover: S sends the final disk round + FINAL barrier, then
 //              migrate-continue. When S's QEMU closed its stream, S sends `ram-end` {bytes,
 //              sha256, groups, groupHash}: the count and SHA-256 of every RAM-stream byte it read,
@@ -138,8 +140,10 @@ export type Control =
   | { t: 'verify'; rid: number; req: VerifyRequest }
   | { t: 'hashes'; rid: number; disk: number; groups: number[]; hashes: string }
   | { t: 'barrier-ok'; n: number; verified: number; mismatches: { disk: number; offset: number; length: number }[] }
-  | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean }; params: Record<string, number> }
-  | { t: 'ram-ready'; rid: number }
+  /** codec: the source offers its page-delta codec (ram-codec.ts) with a page cache of that size */
+  | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean }; params: Record<string, number>; codec?: { v: number; cacheBytes: number } }
+  /** codec: the version the destination will decode (absent: the stream comes as QEMU wrote it) */
+  | { t: 'ram-ready'; rid: number; codec?: number }
   | { t: 'final'; n: number }
   /** groups: base64 of the `groupHash` (ram-verify.ts) of each 1 MiB of guest RAM (absent: RAM not file-backed) */
   | { t: 'ram-end'; bytes: number; sha256: string; groups?: string; groupHash?: string }

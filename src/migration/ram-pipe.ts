@@ -10,12 +10,14 @@
 // when QEMU pauses the guest (it crosses during the pause) stays bounded. While the link is down
 // the gate opens instead: QEMU is held to a trickle by max-bandwidth (source.ts) and its stream
 // goes to the spool, so its thread does not sit blocked through an outage.
-// The stream gets the transport's compression, multi-stream striping and resumption for free.
+// The stream gets the transport's compression, multi-stream striping and resumption for free,
+// and, once the destination accepted it, Ferry's page-delta codec (ram-codec.ts) before those.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Session } from '../transport/session.js';
 import { CH } from './protocol.js';
+import type { RamEncoder } from './ram-codec.js';
 
 export interface RamSource {
   /** bytes read from QEMU and handed to the transport */
@@ -28,10 +30,16 @@ export interface RamSource {
   ended: Promise<void>;
   /** stops pacing (the guest is paused: QEMU's last bytes should be read, and sent, at once) */
   ungate(): void;
+  /** ms of this thread spent since the pause hashing, encoding and in the transport's send (FERRY_DEBUG_MIGRATE) */
+  cpuSincePause(): { hash: number; encode: number; send: number };
+  /** encodes the stream with `enc` (ram-codec.ts); only before QEMU sends its first byte */
+  encodeWith(enc: RamEncoder): void;
   close(): void;
 }
 
 const SPOOL_MAX = 256 * 2 ** 20;
+/** Encoded bytes per RAM message at most (plus one chunk's worth) */
+const BATCH = 256 * 1024;
 /** FERRY_DEBUG_MIGRATE=FILE: QEMU's stream after the pause is saved to FILE.final-stream */
 const DEBUG = process.env.FERRY_DEBUG_MIGRATE;
 
@@ -55,6 +63,7 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
   let closed = false;
   let pumping = false;
   let conn: net.Socket | undefined;
+  let enc: RamEncoder | undefined;
   const finish = () => {
     clearInterval(poll);
     digest = hash.digest('hex');
@@ -69,19 +78,54 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
     if (conn?.isPaused() && backlog < SPOOL_MAX / 2 && !hold()) conn.resume();
   }, 4);
   poll.unref();
-  // Hands the spool to the transport in order; one pump at a time.
+  // Hands the spool to the transport in order; one pump at a time. Once QEMU closed the stream
+  // and the spool is empty, what the encoder still holds goes, then `ended` resolves.
+  const cpu = { hash: 0, encode: 0, send: 0 };
+  const clock = () => (paused ? performance.now() : 0);
+  let flushed = false;
+  let done = false;
   const pump = async () => {
     if (pumping) return;
     pumping = true;
     try {
-      while (spool.length) {
-        const d = spool[0]!;
+      while (spool.length || (closed && enc && !flushed)) {
         // Stream cuts never repeat: no dedup. Once ungated (the guest is paused), the cores are
         // what the last pages wait for: zstd 3 compresses them 3-4x faster than 9, to ~5 % more.
-        await session.send(CH.RAM, d, paused ? { dedup: false, maxLevel: 3 } : { dedup: false });
-        spool.shift();
-        backlog -= d.length;
-        bytes += d.length;
+        // Encoded, what the spool holds goes as one message: a 64 KiB chunk of re-sent pages
+        // encodes to ~1 KB, and per message the transport pays a frame, a write and zstd's setup.
+        // The encoder holds back a page record cut by the end of a chunk (it comes with the next).
+        const taken: Buffer[] = [];
+        let t = clock();
+        let m: Buffer;
+        if (enc) {
+          const parts: Buffer[] = [];
+          let size = 0;
+          while (spool.length && size < BATCH) {
+            const d = spool.shift()!;
+            taken.push(d);
+            const e = enc.push(d);
+            parts.push(e);
+            size += e.length;
+          }
+          if (!spool.length && closed && !flushed) {
+            flushed = true;
+            parts.push(enc.end());
+          }
+          m = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+        } else taken.push((m = spool.shift()!));
+        if (paused) cpu.encode += performance.now() - t;
+        t = clock();
+        if (m.length) {
+          const sent = session.send(CH.RAM, m, paused ? { dedup: false, maxLevel: 3 } : { dedup: false });
+          if (paused) cpu.send += performance.now() - t; // the synchronous part: compression, framing
+          await sent;
+        }
+        for (const d of taken) {
+          backlog -= d.length;
+          bytes += d.length;
+        }
+        // Let the socket be read before the next batch: more chunks per message.
+        if (enc) await new Promise<void>((r) => setImmediate(r));
       }
     } catch {
       conn?.destroy();
@@ -91,14 +135,19 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
     } finally {
       pumping = false;
     }
-    if (closed) finish();
+    if (closed && !done) {
+      done = true;
+      finish();
+    }
   };
   const server = net.createServer((c) => {
     if (conn) return c.destroy(); // one stream per migration
     conn = c;
     c.on('data', (d: Buffer) => {
       if (paused && DEBUG) finalStream.push(d);
+      const t = clock();
       hash.update(d);
+      if (paused) cpu.hash += performance.now() - t;
       spool.push(d);
       backlog += d.length;
       if (hold()) c.pause();
@@ -109,8 +158,7 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
       // with it the pause, for 30–110 ms in every debug run of session 6.
       if (DEBUG) setTimeout(() => fs.writeFile(`${DEBUG}.final-stream`, Buffer.concat(finalStream), () => {}), 5000).unref();
       closed = true;
-      if (!pumping && spool.length === 0) finish();
-      else void pump();
+      void pump();
     });
     c.on('error', () => {});
   });
@@ -123,6 +171,11 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
     backlog: () => backlog,
     digest: () => digest,
     ended,
+    cpuSincePause: () => ({ ...cpu }),
+    encodeWith: (e) => {
+      if (bytes + backlog > 0) throw new Error('encodeWith after the stream began');
+      enc = e;
+    },
     ungate: () => {
       gated = false;
       paused = true;
@@ -130,6 +183,7 @@ export async function listenForQemu(sockPath: string, session: Session, gate?: R
     },
     close: () => {
       clearInterval(poll);
+      enc = undefined;
       conn?.destroy();
       server.close();
       fs.rmSync(sockPath, { force: true });

@@ -29,6 +29,7 @@ import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
 import { hashRam, RAM_HASH, readGroup, scribbleFreeRam, warmUp } from './ram-verify.js';
+import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
 import { listenForQemu, type RamSource } from './ram-pipe.js';
 import { sendFiles, type ChainManifest } from './snapshot-chain.js';
 
@@ -85,7 +86,7 @@ export interface MigrationView {
   endedAt?: number;
   error?: { code: string; message: string };
   disk: DiskStats & { total: number };
-  ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number } | null;
+  ram: { transferred: number; remaining: number; total: number; dirtyBytesPerSec: number; cpuThrottle: number; streamBytes: number; /** the stream as the page-delta codec sent it (ram-codec.ts), before the transport's compression */ encodedBytes?: number } | null;
   wire: { sentBytes: number; framesSent: number; resentFrames: number; rescuedFrames: number; probedFrames?: number; doubledFrames?: number; parityFrames?: number; parityBytes?: number; refFrames: number; zeroFrames: number; linkBytesPerSec: number; drainBytesPerSec: number; stalls: number; connections: number; rttMs: number };
   etaSec: number | null;
   predictedDowntimeMs: number | null;
@@ -109,6 +110,7 @@ export class SourceMigration {
   private peer: Peer | undefined;
   private sender: DiskSender | undefined;
   private ramSrc: RamSource | undefined;
+  private ramEncoder: RamEncoder | undefined;
   private cancelled: { reason: string; code: 'MIGRATION_CANCELLED' | 'MIGRATION_FAILED' } | null = null;
   private linkRate = 0;
   private decision: ConvergeDecision | undefined;
@@ -163,6 +165,7 @@ export class SourceMigration {
       this.sample();
       this.view.endedAt = Date.now();
       this.ramSrc?.close();
+      this.ramEncoder = undefined; // its page cache is as large as guest RAM: the view outlives it
       this.session?.close(this.view.phase === 'done' ? 'migration done' : 'migration ended');
       this.host.release(this.vmName);
     }
@@ -256,7 +259,11 @@ export class SourceMigration {
     const params = this.ramParams(this.decision!);
     await ramCapabilities(qmp, caps);
     await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': 2 ** Math.floor(Math.log2(Math.min(256, Math.max(16, spec.memoryMiB / 4)))) * 2 ** 20 } : {}) });
-    await this.peer.request({ t: 'ram-start', caps, params: {} }, 60_000);
+    // Ferry's page-delta codec (ram-codec.ts): a page cache as large as guest RAM, up to 1 GiB,
+    // on each side; FERRY_RAM_CODEC=0 sends QEMU's stream as it is (for comparisons).
+    const codec = process.env.FERRY_RAM_CODEC === '0' ? undefined : { v: RAM_CODEC_VERSION, cacheBytes: Math.min(spec.memoryMiB, 1024) * 2 ** 20 };
+    const ready = await this.peer.request<Extract<Control, { t: 'ram-ready' }>>({ t: 'ram-start', caps, params: {}, ...(codec ? { codec } : {}) }, 60_000);
+    if (codec && ready.codec === codec.v) this.ramSrc.encodeWith((this.ramEncoder = new RamEncoder(codec.cacheBytes)));
     warmUp(); // the RAM check at the switchover must not wait for its threads to start
     await migrateTo(qmp, ramSock);
     const ramT0 = Date.now();
@@ -294,7 +301,7 @@ export class SourceMigration {
         // waits behind whatever QEMU's monitor is doing; one run lost 55 ms so).
         if (pausedAt) break;
         st = await queryMigrate(qmp);
-        this.view.ram = { transferred: st.transferred, remaining: st.remaining, total: st.total, dirtyBytesPerSec: st.dirtyPagesRate * st.pageSize, cpuThrottle: st.cpuThrottle, streamBytes: this.ramSrc.bytes() };
+        this.view.ram = { transferred: st.transferred, remaining: st.remaining, total: st.total, dirtyBytesPerSec: st.dirtyPagesRate * st.pageSize, cpuThrottle: st.cpuThrottle, streamBytes: this.ramSrc.bytes(), ...(this.ramEncoder ? { encodedBytes: this.ramEncoder.encodedBytes } : {}) };
         if (st.status === 'pre-switchover') break;
         firstPass = st.dirtySyncCount < 2;
         if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, sync: st.dirtySyncCount, rem: st.remaining, mbps: Math.round(st.mbps), exp: st.expectedDowntimeMs, thr: st.cpuThrottle, dirty: st.dirtyPagesRate, q: session.unackedPayload + this.ramSrc.backlog(), drain: Math.round(session.drainRate()) })}\n`);
@@ -350,6 +357,7 @@ export class SourceMigration {
     const queuedAtPause = session.unackedPayload + this.ramSrc.backlog();
     const wireAtPause = session.stats.wireBytesSent;
     const streamAtPause = this.ramSrc.bytes() + this.ramSrc.backlog();
+    const encodedAtPause = this.ramEncoder?.encodedBytes ?? 0;
     // FERRY_DEBUG_MIGRATE: the pause sampled every 5 ms (ms, stream bytes read, wire bytes sent,
     // queue, frames copied, frames re-sent).
     const samples: number[][] = [];
@@ -388,7 +396,7 @@ export class SourceMigration {
     const answer = await outcome;
     session.protect(false);
     clearInterval(sampler);
-    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', diskStepAtPause, pause: samples })}\n`);
+    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', diskStepAtPause, cpu: this.ramSrc!.cpuSincePause(), pause: samples })}\n`);
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
 
     // ── Confirm ──
@@ -402,7 +410,7 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destFramesRebuilt: dt.framesRebuilt ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, ...(this.ramEncoder ? { ramEncodedAfterPause: this.ramEncoder.encodedBytes - encodedAtPause } : {}), wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destFramesRebuilt: dt.framesRebuilt ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});

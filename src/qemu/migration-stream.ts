@@ -28,9 +28,10 @@ const F = { ZERO: 0x02, MEM_SIZE: 0x04, PAGE: 0x08, EOS: 0x10, CONTINUE: 0x20 } 
 export interface StreamEvents {
   /**
    * A page of `block` at byte `offset` was (re)written by the stream: with the page's bytes,
-   * which start at stream offset `at`, or filled with byte `fill` (a zero page record).
+   * which start at stream offset `at`, or filled with byte `fill` (a zero page record). The
+   * record (its header) starts at stream offset `rec`.
    */
-  page(block: string, offset: number, p: { at: number } | { fill: number }): void;
+  page(block: string, offset: number, p: { at: number } | { fill: number }, rec: number): void;
 }
 
 type State =
@@ -55,6 +56,13 @@ export class MigrationStreamReader {
   /** true once the device state began (the stream holds no more RAM) */
   get finished(): boolean {
     return this.st.s === 'done';
+  }
+  /**
+   * Stream offset up to which every byte was parsed: what follows is a record cut by the end of
+   * the last chunk, held until the next one (a page's bytes being skipped count as parsed).
+   */
+  get parsedTo(): number {
+    return this.base - this.carry.length;
   }
   /** why the reader gave up, if it did */
   get stopped(): string | undefined {
@@ -149,11 +157,11 @@ export class MigrationStreamReader {
         } else if (!this.block) return this.fail('CONTINUE before any block');
         if (flags & F.ZERO) {
           if (b.length < at + 1) return 0;
-          this.ev.page(this.block, offset, { fill: b[at]! });
+          this.ev.page(this.block, offset, { fill: b[at]! }, this.recAt);
           return at + 1;
         }
         this.skip = PAGE;
-        this.ev.page(this.block, offset, { at: this.recAt + at });
+        this.ev.page(this.block, offset, { at: this.recAt + at }, this.recAt);
         return at;
       }
       case 'done':

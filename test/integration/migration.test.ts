@@ -196,6 +196,28 @@ describe('Ferry live migration', () => {
     await cleanup('ramfix');
   });
 
+  it('a RAM stream that arrives altered (a codec or transport fault) keeps the VM at the source', async () => {
+    // The destination flips a bit of QEMU's stream after decoding it: the SHA-256 of what it fed
+    // its QEMU differs from the source's, and the VM must not run there.
+    await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-ram-stream' } });
+    const vm = await boot('ramflip', { memoryMiB: 128 });
+    try {
+      const v = await h1.post<MigrationView>('/v1/vms/ramflip/migrate', { to: 'h2' });
+      const end = await waitFor('the migration', 300_000, async () => {
+        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
+        return x.endedAt ? x : undefined;
+      });
+      expect(end.phase).toBe('failed');
+      expect(end.error?.message).toMatch(/RAM stream differs/);
+      expect(end.ram?.encodedBytes).toBeGreaterThan(0); // the stream crossed page-delta encoded
+      await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'ramflip')) ? undefined : true));
+      expect(await exactlyOneRunning('ramflip', vm.uuid)).toBe('h1');
+    } finally {
+      await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM' });
+    }
+    await cleanup('ramflip');
+  });
+
   it('bad input and refusals change nothing: unknown host, bad options, untrusted by the destination', async () => {
     const vm = await boot('refuse');
     await expect(h1.post('/v1/vms/refuse/migrate', { to: 'nowhere' })).rejects.toMatchObject({ code: 'HOST_NOT_FOUND' });

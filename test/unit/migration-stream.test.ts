@@ -9,26 +9,7 @@ import { MigrationStreamReader } from '../../src/qemu/migration-stream.js';
 import { RamTracker } from '../../src/migration/ram-track.js';
 import { hashRam } from '../../src/migration/ram-verify.js';
 
-const MiB = 2 ** 20;
-const u8 = (n: number) => Buffer.from([n]);
-const u16 = (n: number) => { const b = Buffer.alloc(2); b.writeUInt16BE(n); return b; };
-const u32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
-const u64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
-const str = (s: string) => Buffer.concat([u8(s.length), Buffer.from(s)]);
-const EOS = u64(0x10);
-const page = (off: number, fill: number, block?: string) => Buffer.concat([u64(off | 0x08 | (block ? 0 : 0x20)), block ? str(block) : Buffer.alloc(0), Buffer.alloc(4096, fill)]);
-const zero = (off: number, block?: string) => Buffer.concat([u64(off | 0x02 | (block ? 0 : 0x20)), block ? str(block) : Buffer.alloc(0), u8(0)]);
-
-/** header, configuration (with a capabilities subsection), RAM setup for pc.ram (4 MiB) and vga (64 KiB) */
-function head(): Buffer {
-  return Buffer.concat([
-    u32(0x5145564d), u32(3),
-    u8(0x07), u32(13), Buffer.from('pc-i440fx-7.2'), u8(0x05), str('configuration/capabilities'), u32(1), u32(1), str('x-ignore-shared'),
-    u8(0x01), u32(2), str('ram'), u32(0), u32(4), u64((4 * MiB + 64 * 1024) | 0x04), str('pc.ram'), u64(4 * MiB), str('vga'), u64(64 * 1024), EOS, u8(0x7e), u32(2),
-  ]);
-}
-const part = (...recs: Buffer[]) => Buffer.concat([u8(0x02), u32(2), ...recs, EOS, u8(0x7e), u32(2)]);
-const end = (...recs: Buffer[]) => Buffer.concat([u8(0x03), u32(2), ...recs, EOS, u8(0x7e), u32(2), u8(0x04), u32(3), str('timer'), u32(0), u32(2), Buffer.alloc(40, 0xee)]);
+import { end, head, MiB, page, part, str, u16, u32, u64, u8, zero } from './fixtures/qemu-stream.js';
 
 describe('migration stream reader', () => {
   const stream = Buffer.concat([
