@@ -22,7 +22,7 @@ import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
 import { differingGroups, hashRam, RAM_GROUP, RAM_HASH, rehashInto, warmUp, writeGroup } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamDecoder } from './ram-codec.js';
-import { connectToQemu, type RamSink } from './ram-pipe.js';
+import { connectToQemu, STREAM_HASH, type RamSink } from './ram-pipe.js';
 import { RamTracker, type RamTrackStats } from './ram-track.js';
 import { chainProblems, FileReceiver, type ChainManifest } from './snapshot-chain.js';
 
@@ -333,14 +333,20 @@ export class DestinationMigration {
    * (repaired where it did not), or the VM must not run here.
    */
   private async checkRam(): Promise<void> {
+    // QEMU has loaded everything: this side's hashes (the groups touched since their early hash)
+    // are taken now, while the source's may still be on their way.
+    clearInterval(this.ramTrackTimer);
+    const local = this.ramTrack?.final();
+    local?.catch(() => {}); // awaited below, unless the stream check fails first
     while (!this.ramEnd) {
       if (this.phase === 'aborted' || this.giveUp) throw new FerryError('TRANSPORT_CLOSED', 'the source is gone before it sent the RAM stream digest');
       await sleep(2);
     }
     const e = this.ramEnd;
-    const got = { bytes: this.ram?.bytes() ?? 0, sha256: this.ram?.digest() ?? '' };
-    if (got.bytes !== e.bytes || got.sha256 !== e.sha256) {
-      throw new FerryError('VERIFY_FAILED', `the RAM stream differs: the source's QEMU wrote ${e.bytes} bytes (sha256 ${e.sha256.slice(0, 16)}…), this QEMU was fed ${got.bytes} (${got.sha256.slice(0, 16)}…)`);
+    if (e.streamHash !== STREAM_HASH) throw new FerryError('TRANSPORT_PROTOCOL', `the source hashes the RAM stream with ${e.streamHash}, this agent with ${STREAM_HASH}`);
+    const got = { bytes: this.ram?.bytes() ?? 0, digest: this.ram?.digest() ?? '' };
+    if (got.bytes !== e.bytes || got.digest !== e.stream) {
+      throw new FerryError('VERIFY_FAILED', `the RAM stream differs: the source's QEMU wrote ${e.bytes} bytes (${STREAM_HASH} ${e.stream.slice(0, 16)}…), this QEMU was fed ${got.bytes} (${got.digest.slice(0, 16)}…)`);
     }
     this.ramDecoder = undefined; // the whole stream is in: its page cache (up to guest RAM) goes
     if (!e.groups) return; // the source's guest RAM is not file-backed: nothing to compare
@@ -348,10 +354,9 @@ export class DestinationMigration {
     const file = this.host.ramFile(this.spec);
     const want = Buffer.from(e.groups, 'base64');
     const bytes = this.spec.memoryMiB * 2 ** 20;
-    clearInterval(this.ramTrackTimer);
     let have: Buffer;
-    if (this.ramTrack) {
-      const r = await this.ramTrack.final();
+    if (local) {
+      const r = await local;
       have = r.hashes;
       this.ramTrackStats = r.stats;
       // An early hash may be stale (ram-track.ts): what seems to differ is hashed again first.

@@ -43,8 +43,9 @@
 //              ram-codec.ts); disk rounds continue
 //   switchover QEMU paused at pre-switchover: S sends the final disk round + FINAL barrier, then
 //              migrate-continue. When S's QEMU closed its stream, S sends `ram-end` {bytes,
-//              sha256, groups, groupHash}: the count and SHA-256 of every RAM-stream byte it read,
-//              and the XXH128 of each 1 MiB of guest RAM (hashed while the guest is paused). D flushes/
+//              stream, streamHash, groups, groupHash}: the count and XXH128 of every RAM-stream
+//              byte its QEMU wrote, and the XXH128 of each 1 MiB of guest RAM (hashed while the
+//              guest is paused). D flushes/
 //              verifies the disks, waits for QEMU `completed`, checks that it fed QEMU exactly
 //              those bytes, hashes its guest RAM, asks `ram-fix` {groups} for any group that
 //              differs (S answers `ram-fixed` {data}) and writes them, journals `running`, `cont`,
@@ -146,7 +147,8 @@ export type Control =
   | { t: 'ram-ready'; rid: number; codec?: number }
   | { t: 'final'; n: number }
   /** groups: base64 of the `groupHash` (ram-verify.ts) of each 1 MiB of guest RAM (absent: RAM not file-backed) */
-  | { t: 'ram-end'; bytes: number; sha256: string; groups?: string; groupHash?: string }
+  /** stream: the `streamHash` (ram-pipe.ts) of every stream byte the source's QEMU wrote */
+  | { t: 'ram-end'; bytes: number; stream: string; streamHash: string; groups?: string; groupHash?: string }
   | { t: 'ram-fix'; rid: number; groups: number[] }
   /** data: base64 of each requested group, in order */
   | { t: 'ram-fixed'; rid: number; data: string[] }

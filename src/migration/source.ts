@@ -30,7 +30,7 @@ import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
 import { hashRam, RAM_HASH, readGroup, scribbleFreeRam, warmUp } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
-import { listenForQemu, type RamSource } from './ram-pipe.js';
+import { listenForQemu, STREAM_HASH, type RamSource } from './ram-pipe.js';
 import { sendFiles, type ChainManifest } from './snapshot-chain.js';
 
 /**
@@ -391,7 +391,7 @@ export class SourceMigration {
       if (process.env.FERRY_FAULT === 'corrupt-ram' && fs.existsSync(ramFile)) scribbleFreeRam(ramFile, spec.memoryMiB * 2 ** 20, 3);
       const groups = fs.existsSync(ramFile) ? await hashRam(ramFile, spec.memoryMiB * 2 ** 20).catch(() => undefined) : undefined;
       timings.ramHashedAt = Date.now();
-      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), sha256: ramSrc.digest(), ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) }, { urgent: true });
+      await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), stream: ramSrc.digest(), streamHash: STREAM_HASH, ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) }, { urgent: true });
     }
     const answer = await outcome;
     session.protect(false);
