@@ -4,15 +4,16 @@
 // keeps ~420 bytes of a kernel page whose delta is ~70. This codec, on the RAM channel, replaces
 // each page record of QEMU's stream by the page's XOR with the copy both agents last saw
 // (or, for a page not seen, the page itself), with its zero words left out. The destination
-// rebuilds QEMU's stream byte for byte: the stream's SHA-256 (`ram-end`) is still checked
-// against what the destination fed its QEMU, so a codec fault fails the migration, never the
-// guest. QEMU's own XBZRLE does the same inside QEMU, but corrupted guests under TCG here
-// (docs/benchmarks.md); this one cannot change what QEMU sent. Measured on a wan-10 pause
-// (16 MiB dirtier + 167 kernel pages): 125 KB → 45 KB after zstd.
+// rebuilds QEMU's stream byte for byte: the stream's hash (`ram-end`) is still checked against
+// what the destination fed its QEMU, so a codec fault fails the migration, never the guest.
+// QEMU's own XBZRLE does the same inside QEMU, but corrupted guests under TCG here
+// (docs/benchmarks.md); this one cannot change what QEMU sent. Measured on QEMU's last pass at a
+// switchover (17.7 MB: the scenario's 16 MiB dirtier and 167 kernel pages): 147–152 KB after
+// zstd as it was, 69 KB encoded.
 //
-// Both sides keep the same page cache: every page record, in stream order, updates its slot (most
-// recently sent last; the least recently sent is evicted when full). Its contents are a pure
-// function of the stream, so the two caches agree without a word about them on the wire.
+// Both sides keep the same page cache (page-cache.ts): every page record, in stream order, updates
+// its slot (most recently sent last; the least recently sent is evicted when full). Its contents
+// are a pure function of the stream, so the two caches agree without a word about them on the wire.
 //
 // Wire format (version 1), one message = whole ops, each op starting with its byte:
 //   0x01 RAW    varint n, n bytes of the stream as they are (everything but PAGE records)
@@ -24,84 +25,12 @@
 // Zero is never an op. The page offset in a header is what QEMU wrote (u64 offset | flags).
 import { FerryError } from '../errors.js';
 import { MigrationStreamReader } from '../qemu/migration-stream.js';
+import { PAGE, PageCache, WORDS } from './page-cache.js';
 
 export const RAM_CODEC_VERSION = 1;
-const PAGE = 4096;
-const WORDS = PAGE / 4;
 const Op = { RAW: 0x01, BLOCK: 0x02, PAGE: 0x10, NEXT: 0x01, DELTA: 0x02 } as const;
 /** Default cache: 64 MiB on each side (the last 16384 pages sent). */
 export const RAM_CODEC_CACHE = 64 * 2 ** 20;
-
-/**
- * The pages both sides last saw, least recently sent first: a slab of 4 KiB slots, per block a
- * page → slot table, and the slots in a doubly linked list by the order they were last sent.
- */
-class PageCache {
-  /** every slot's words: slot s is words[s * 1024, (s + 1) * 1024); `bytes` the same memory */
-  readonly words: Int32Array;
-  readonly bytes: Buffer;
-  private readonly tables: Int32Array[] = []; // per block: page number → slot + 1 (0: none)
-  private readonly owner: Float64Array; // per slot: block index * 2^32 + page number
-  private readonly prev: Int32Array;
-  private readonly next: Int32Array;
-  private head = -1;
-  private tail = -1;
-  private used = 0;
-
-  constructor(bytes: number) {
-    const n = Math.max(1, Math.floor(bytes / PAGE));
-    this.words = new Int32Array(new ArrayBuffer(n * PAGE));
-    this.bytes = Buffer.from(this.words.buffer);
-    this.owner = new Float64Array(n);
-    this.prev = new Int32Array(n);
-    this.next = new Int32Array(n);
-  }
-
-  /** The page's slot, or -1. */
-  slot(block: number, page: number): number {
-    const t = this.tables[block];
-    return t && page < t.length ? t[page]! - 1 : -1;
-  }
-
-  /**
-   * The slot the page's new content goes to, now the most recently sent: its own if it has one,
-   * else a free one or the least recently sent page's.
-   */
-  claim(block: number, page: number): number {
-    let t = this.tables[block];
-    if (!t || page >= t.length) {
-      const grown = new Int32Array(Math.max(page + 1, (t?.length ?? 0) * 2, 1024));
-      if (t) grown.set(t);
-      this.tables[block] = t = grown;
-    }
-    let s = t[page]! - 1;
-    if (s >= 0) this.unlink(s);
-    else if (this.used < this.owner.length) s = this.used++;
-    else {
-      s = this.head; // the least recently sent page leaves
-      this.unlink(s);
-      const o = this.owner[s]!;
-      this.tables[Math.floor(o / 2 ** 32)]![o % 2 ** 32] = 0;
-    }
-    t[page] = s + 1;
-    this.owner[s] = block * 2 ** 32 + page;
-    this.prev[s] = this.tail;
-    this.next[s] = -1;
-    if (this.tail >= 0) this.next[this.tail] = s;
-    else this.head = s;
-    this.tail = s;
-    return s;
-  }
-
-  private unlink(s: number): void {
-    const p = this.prev[s]!;
-    const n = this.next[s]!;
-    if (p >= 0) this.next[p] = n;
-    else this.head = n;
-    if (n >= 0) this.prev[n] = p;
-    else this.tail = p;
-  }
-}
 
 /** d = page XOR c[base…], and c[base…] = page: one pass over the page's words. */
 function xorSwap(page: Int32Array, c: Int32Array, base: number, d: Int32Array): void {

@@ -137,6 +137,8 @@ export class Session extends EventEmitter {
   /** the peer rebuilds frames from PARITY (it said so in HELLO/WELCOME; endpoint.ts sets this) */
   peerParity = false;
   private striper: Striper<Conn> | undefined;
+  /** the first frame sent while the striper was on (the ones before are in no stripe) */
+  private protectedFrom = 0n;
   private stripeTimer: NodeJS.Timeout | undefined;
   private readonly rebuilder = new Rebuilder();
 
@@ -187,6 +189,7 @@ export class Session extends EventEmitter {
       return;
     }
     if (!this.peerParity || this.striper || this.conns.size < 3) return;
+    this.protectedFrom = this.nextSeq;
     this.striper = new Striper<Conn>(Math.max(2, k), STRIPE_HOLD_MS);
   }
 
@@ -640,8 +643,11 @@ export class Session extends EventEmitter {
    */
   private rescue(): void {
     // While parity protects what is sent, a stalled connection's frames are rebuilt from it; copies
-    // would only queue on the link ahead of the last real bytes (70 KB in one wan-10 pause).
-    if (this.conns.size < 2 || !this.ackedSentAt || this.striper) return;
+    // would only queue on the link ahead of the last real bytes (70 KB in one wan-10 pause). The
+    // frames sent before protection began are in no stripe: they are still copied (one waited
+    // 149 ms in a wan-10 pause).
+    if (this.conns.size < 2 || !this.ackedSentAt) return;
+    const unprotectedBelow = this.striper ? this.protectedFrom : undefined;
     const now = performance.now();
     const rtt = Math.max(this.stats.minRttMs, 1);
     if (this.unackedBytes > Math.max(128 * 1024, (this.ackRate * rtt) / 1000)) return;
@@ -651,6 +657,7 @@ export class Session extends EventEmitter {
     // queue it waited in) allows: with a deep queue, minimum-RTT timing copied frames in transit.
     const late = Math.max(rtt, this.rackRtt) + margin;
     for (const o of this.unacked.values()) {
+      if (unprotectedBelow !== undefined && o.frame.seq >= unprotectedBelow) continue; // its stripe's parity covers it
       if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < late) continue;
       // Its connection delivers (a frame written to it earlier was just acknowledged): the frame
       // waits in that connection's queue behind congestion-window-limited data, it is not lost.

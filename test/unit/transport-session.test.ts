@@ -71,6 +71,18 @@ function sockets(l: Listener): Promise<number> {
   return new Promise((r) => l.server.getConnections((_e, n) => r(n)));
 }
 
+/**
+ * Makes the client's first connection silently swallow its next DATA frame, as a TCP flow in
+ * loss recovery holds it; returns how many frames it swallowed.
+ */
+function swallowOne(client: Session): () => number {
+  const conn = [...(client as unknown as { conns: Set<{ sock: net.Socket }> }).conns][0]!;
+  const write = conn.sock.write.bind(conn.sock) as (b: Buffer) => boolean;
+  let dropped = 0;
+  (conn.sock as unknown as { write: (b: Buffer) => boolean }).write = (b: Buffer) => (b[1] === FrameType.DATA && !dropped++ ? true : write(b));
+  return () => dropped;
+}
+
 describe('transport session', () => {
   it('delivers every message exactly once, in order, over several connections', async () => {
     const { client, server } = await pair({ streams: 4 });
@@ -86,17 +98,13 @@ describe('transport session', () => {
     const { client, server } = await pair({ streams: 4 });
     const rx = collect(server);
     await waitUntil(() => client.connections === 4);
-    // One connection silently loses one DATA frame (as a TCP flow in recovery would hold it).
-    const conn = [...(client as unknown as { conns: Set<{ sock: net.Socket }> }).conns][0]!;
-    const write = conn.sock.write.bind(conn.sock) as (b: Buffer) => boolean;
-    let dropped = 0;
-    (conn.sock as unknown as { write: (b: Buffer) => boolean }).write = (b: Buffer) => (b.length > 100 && !dropped++ ? true : write(b));
+    const dropped = swallowOne(client);
     for (let i = 0; i < 60; i++) {
       await client.send(3, message(i));
       await new Promise((r) => setTimeout(r, 5));
     }
     await client.flush();
-    expect(dropped).toBeGreaterThan(0);
+    expect(dropped()).toBeGreaterThan(0);
     expect(client.stats.framesRescued).toBeGreaterThanOrEqual(1);
     expect(rx.msgs.length).toBe(60);
     rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
@@ -153,6 +161,26 @@ describe('transport session', () => {
     expect(server.stats.framesRebuilt).toBeGreaterThanOrEqual(1);
     expect(client.stats.parityFrames).toBeGreaterThanOrEqual(1);
     rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+    client.protect(false);
+  });
+
+  it('still copies a frame sent before protection began, lost inside a live connection (it is in no stripe)', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    // The frame swallowed is sent before parity is switched on.
+    const dropped = swallowOne(client);
+    let i = 0;
+    while (!dropped()) await client.send(3, message(i++));
+    client.protect(true, 3);
+    for (const end = i + 40; i < end; i++) {
+      await client.send(3, message(i));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    await waitUntil(() => rx.msgs.length === i, 5000);
+    // Copied by the loss rescue (later frames arrived), not only by the tail probe.
+    expect(client.stats.framesRescued - client.stats.framesProbed).toBeGreaterThanOrEqual(1);
+    rx.msgs.forEach((m, j) => expect(m.equals(message(j))).toBe(true));
     client.protect(false);
   });
 
