@@ -104,6 +104,14 @@ async function exactlyOneRunning(name: string, uuid: string): Promise<'h1' | 'h2
   return where;
 }
 
+/** Waits (up to `ms`) until the migration `id` on `api` has ended: its final view. */
+function ended(api: AgentClient, id: string, what: string, ms: number): Promise<MigrationView> {
+  return waitFor(what, ms, async () => {
+    const x = await api.get<MigrationView>(`/v1/migrations/${id}`);
+    return x.endedAt ? x : undefined;
+  });
+}
+
 async function cleanup(name: string): Promise<void> {
   await h1.del(`/v1/vms/${name}?force=true`).catch(() => {});
   await h2.del(`/v1/vms/${name}?force=true`).catch(() => {});
@@ -166,10 +174,7 @@ describe('Ferry live migration', () => {
     expect(await exactlyOneRunning('ramcut', vm.uuid)).toBe('h2');
     // And back: a VM that arrived by migration leaves again cleanly.
     const v2 = await h2.post<MigrationView>('/v1/vms/ramcut/migrate', { to: 'h1' });
-    const back = await waitFor('the way back', 300_000, async () => {
-      const x = await h2.get<MigrationView>(`/v1/migrations/${v2.id}`);
-      return x.endedAt ? x : undefined;
-    });
+    const back = await ended(h2, v2.id, 'the way back', 300_000);
     expect(back.phase).toBe('done');
     expect(await exactlyOneRunning('ramcut', vm.uuid)).toBe('h1');
     await cleanup('ramcut');
@@ -182,10 +187,7 @@ describe('Ferry live migration', () => {
     const vm = await boot('ramfix', { memoryMiB: 128 });
     try {
       const v = await h1.post<MigrationView>('/v1/vms/ramfix/migrate', { to: 'h2' });
-      const end = await waitFor('the migration', 300_000, async () => {
-        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-        return x.endedAt ? x : undefined;
-      });
+      const end = await ended(h1, v.id, 'the migration', 300_000);
       expect(end.error).toBeUndefined();
       expect(end.phase).toBe('done');
       expect(end.result!.switchover!.ramRepairedMiB).toBeGreaterThanOrEqual(3);
@@ -203,10 +205,7 @@ describe('Ferry live migration', () => {
     const vm = await boot('ramflip', { memoryMiB: 128 });
     try {
       const v = await h1.post<MigrationView>('/v1/vms/ramflip/migrate', { to: 'h2' });
-      const end = await waitFor('the migration', 300_000, async () => {
-        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-        return x.endedAt ? x : undefined;
-      });
+      const end = await ended(h1, v.id, 'the migration', 300_000);
       expect(end.phase).toBe('failed');
       expect(end.error?.message).toMatch(/RAM stream differs/);
       expect(end.ram?.encodedBytes).toBeGreaterThan(0); // the stream crossed page-delta encoded
@@ -230,10 +229,7 @@ describe('Ferry live migration', () => {
     untrustHost(d2, 'h1');
     try {
       const v = await h1.post<MigrationView>('/v1/vms/refuse/migrate', { to: 'h2' });
-      const end = await waitFor('the refusal', 60_000, async () => {
-        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-        return x.endedAt ? x : undefined;
-      });
+      const end = await ended(h1, v.id, 'the refusal', 60_000);
       expect(end.phase).toBe('failed');
       expect(end.error?.code).toBe('PEER_UNTRUSTED');
     } finally {
@@ -244,10 +240,7 @@ describe('Ferry live migration', () => {
     // A VM of the same name on the destination: refused at Begin with every reason at once.
     await h2.post('/v1/vms', { name: 'refuse', image: 'ferry-guest', memoryMiB: 128 });
     const v = await h1.post<MigrationView>('/v1/vms/refuse/migrate', { to: 'h2' });
-    const end = await waitFor('the refusal', 60_000, async () => {
-      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-      return x.endedAt ? x : undefined;
-    });
+    const end = await ended(h1, v.id, 'the refusal', 60_000);
     expect(end.error?.code).toBe('MIGRATION_REFUSED');
     expect(end.error?.message).toMatch(/already exists/);
     expect((await vmOn(h2, 'refuse'))?.state).toBe('stopped');
@@ -276,10 +269,7 @@ describe('Ferry live migration', () => {
       });
       const c = cli(['migrate', 'cancel', 'retry']);
       expect(c.status, c.stderr).toBe(0);
-      first = await waitFor('the rollback', 120_000, async () => {
-        const x = await h1.get<MigrationView>(`/v1/migrations/${started.id}`);
-        return x.endedAt ? x : undefined;
-      });
+      first = await ended(h1, started.id, 'the rollback', 120_000);
       expect(first.phase).toBe('cancelled');
       expect(first.error?.code).toBe('MIGRATION_CANCELLED');
     } finally {
@@ -290,10 +280,7 @@ describe('Ferry live migration', () => {
     await exactlyOneRunning('retry', vm.uuid);
     // Retry: the destination holds the first attempt's blocks; only the difference is sent.
     const v = await h1.post<MigrationView>('/v1/vms/retry/migrate', { to: 'h2' });
-    const done = await waitFor('the retry', 300_000, async () => {
-      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-      return x.endedAt ? x : undefined;
-    });
+    const done = await ended(h1, v.id, 'the retry', 300_000);
     expect(done.error).toBeUndefined();
     expect(done.phase).toBe('done');
     log(`retry: first attempt round 0 was ${first!.disk.roundTotal} bytes (${first!.disk.roundDone} sent); the retry's round 0 sent ${done.disk.initialBytes}`);
@@ -313,10 +300,7 @@ describe('Ferry live migration', () => {
     const dst = qemuPids(vm.uuid).filter((p) => p !== src);
     expect(dst.length).toBe(1);
     process.kill(dst[0]!, 'SIGKILL');
-    const end = await waitFor('the rollback', 120_000, async () => {
-      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-      return x.endedAt ? x : undefined;
-    });
+    const end = await ended(h1, v.id, 'the rollback', 120_000);
     expect(end.phase).toBe('failed');
     expect(end.error?.message).toMatch(/QEMU|disk write failed/);
     await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'dqemu')) ? undefined : true));
@@ -330,10 +314,7 @@ describe('Ferry live migration', () => {
     await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-dirty-rounds' } });
     try {
       const v = await h1.post<MigrationView>('/v1/vms/verify/migrate', { to: 'h2' });
-      const end = await waitFor('the migration', 300_000, async () => {
-        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-        return x.endedAt ? x : undefined;
-      });
+      const end = await ended(h1, v.id, 'the migration', 300_000);
       expect(end.phase).toBe('failed');
       expect(end.error?.code).toBe('VERIFY_FAILED');
       expect(end.disk.mismatches).toBeGreaterThan(0);
@@ -361,17 +342,11 @@ describe('Ferry live migration', () => {
       return x.files && x.files.done > 0.4 * x.files.total ? true : undefined;
     });
     await h1.post(`/v1/migrations/${first.id}/cancel`);
-    const cancelled = await waitFor('the cancel', 60_000, async () => {
-      const x = await h1.get<MigrationView>(`/v1/migrations/${first.id}`);
-      return x.endedAt ? x : undefined;
-    });
+    const cancelled = await ended(h1, first.id, 'the cancel', 60_000);
     expect(cancelled.phase).toBe('cancelled');
     expect(await vmOn(h2, 'snapmig')).toBeUndefined();
     const v = await h1.post<MigrationView>('/v1/vms/snapmig/migrate', { to: 'h2', keepSource: true });
-    const done = await waitFor('the migration', 300_000, async () => {
-      const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-      return x.endedAt ? x : undefined;
-    });
+    const done = await ended(h1, v.id, 'the migration', 300_000);
     expect(done.error).toBeUndefined();
     expect(done.phase).toBe('done');
     log(`snapshot files: first attempt ${cancelled.files!.total} bytes to send (${cancelled.files!.done} sent), the retry ${done.files!.total}`);
@@ -412,10 +387,7 @@ describe('Ferry live migration', () => {
       await waitFor('the disk copy', 120_000, async () => ((await h1.get<MigrationView>(`/v1/migrations/${v.id}`)).phase === 'disk' ? true : undefined));
       // Leave nothing free: the next block the destination must allocate fails with ENOSPC.
       spawnSync('nsenter', [...ns, 'dd', 'if=/dev/zero', `of=${path.join(vmsDir, 'filler')}`, 'bs=64k'], { stdio: 'ignore' });
-      const end = await waitFor('the failure', 180_000, async () => {
-        const x = await h1.get<MigrationView>(`/v1/migrations/${v.id}`);
-        return x.endedAt ? x : undefined;
-      });
+      const end = await ended(h1, v.id, 'the failure', 180_000);
       expect(end.phase).toBe('failed');
       expect(end.error?.message).toMatch(/No space|ENOSPC|space/i);
       await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'full')) ? undefined : true));
