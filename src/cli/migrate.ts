@@ -56,7 +56,7 @@ function summary(v: MigrationView): string {
   if (sw) lines.push(`  switchover (ms after the pause): final disk delta ${formatBytes(sw.finalDiskBytes ?? 0)} read by ${sw.finalDiskReadMs}, continue ${sw.continuedMs}; destination: final received ${sw.destFinalMs}, disk verified ${sw.destDiskVerifiedMs}, RAM loaded ${sw.destRamCompletedMs}, RAM checked ${sw.destRamCheckedMs}${sw.ramRepairedMiB ? ` (${sw.ramRepairedMiB} MiB differed and were repaired from the source)` : ''}, running ${sw.destRunningMs}`);
   lines.push(`  disk: ${formatBytes(v.disk.sentBytes)} read and sent in ${v.disk.round + 1} round(s), ${formatBytes(v.disk.zeroBytes)} zeroes elided, ${formatBytes(v.disk.verifiedBytes)} verified, ${v.disk.mismatches} mismatch(es) re-sent`);
   if (v.verify) lines.push(`  verify (${v.verify.mode}): ${v.verify.groups} group hashes compared, ${v.verify.differing} differing re-sent`);
-  if (v.ram) lines.push(`  ram: ${formatBytes(v.ram.streamBytes)} of QEMU stream`);
+  if (v.ram) lines.push(`  ram: ${formatBytes(v.ram.streamBytes)} of QEMU stream${v.ram.encodedBytes ? `, ${formatBytes(v.ram.encodedBytes)} after the page-delta codec (before compression)` : ''}`);
   lines.push(`  wire: ${formatBytes(v.wire.sentBytes)} sent, ${v.wire.refFrames} blocks sent as references to content the destination held, ${v.wire.resentFrames + (v.wire.rescuedFrames ?? 0)} frames re-sent, ${v.wire.stalls} stall(s), link ${rate(v.wire.linkBytesPerSec)}`);
   if (v.note) lines.push(`  note: ${v.note}`);
   return lines.join('\n');

@@ -379,6 +379,8 @@ export class SourceMigration {
     const ramSrc = this.ramSrc!;
     await Promise.race([ramSrc.ended, outcome]);
     timings.ramEndedAt = Date.now();
+    // The whole stream, as it was and as the codec sent it (the RAM loop's last sample predates the pause).
+    if (this.view.ram) this.view.ram = { ...this.view.ram, streamBytes: ramSrc.bytes(), ...(this.ramEncoder ? { encodedBytes: this.ramEncoder.encodedBytes } : {}) };
     const wireAtRamEnd = session.stats.wireBytesSent;
     if (ramSrc.digest()) {
       // Guest RAM no longer changes. It is hashed only now: the destination needs the hashes
