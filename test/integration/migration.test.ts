@@ -199,15 +199,16 @@ describe('Ferry live migration', () => {
   });
 
   it('a RAM stream that arrives altered (a codec or transport fault) keeps the VM at the source', async () => {
-    // The destination flips a bit of QEMU's stream after decoding it: the SHA-256 of what it fed
-    // its QEMU differs from the source's, and the VM must not run there.
+    // The destination flips a bit of QEMU's stream after decoding it: the hash of what it fed its
+    // QEMU differs from the source's (or QEMU refuses the record), and the VM must not run there.
     await labRestartAgent(NAME, 'h2', { signal: 'SIGTERM', env: { FERRY_FAULT: 'corrupt-ram-stream' } });
     const vm = await boot('ramflip', { memoryMiB: 128 });
     try {
       const v = await h1.post<MigrationView>('/v1/vms/ramflip/migrate', { to: 'h2' });
       const end = await ended(h1, v.id, 'the migration', 300_000);
       expect(end.phase).toBe('failed');
-      expect(end.error?.message).toMatch(/RAM stream differs/);
+      // Caught by the stream check, or, where the bit fell in a record's header, by QEMU's loader.
+      expect(end.error?.message).toMatch(/RAM stream differs|load of migration failed/);
       expect(end.ram?.encodedBytes).toBeGreaterThan(0); // the stream crossed page-delta encoded
       await waitFor('the destination to clean up', 60_000, async () => ((await vmOn(h2, 'ramflip')) ? undefined : true));
       expect(await exactlyOneRunning('ramflip', vm.uuid)).toBe('h1');
