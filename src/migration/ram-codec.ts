@@ -102,9 +102,9 @@ class Hdr {
   }
 }
 
+/** A page record the reader reported: its block, where its header and its bytes start. */
 interface PendingPage {
   block: string;
-  offset: number;
   rec: number;
   at: number;
 }
@@ -167,22 +167,20 @@ export class RamEncoder {
   private readonly scratchBytes = Buffer.from(this.scratch.buffer);
   private readonly delta = new Int32Array(WORDS);
   private readonly deltaBytes = Buffer.from(this.delta.buffer);
-  /** stream bytes in, message bytes out (for the progress and the benchmark) */
-  streamBytes = 0;
+  /** message bytes out (for the progress and the benchmark) */
   encodedBytes = 0;
 
   constructor(cacheBytes = RAM_CODEC_CACHE) {
     this.cache = new PageCache(cacheBytes);
     this.reader = new MigrationStreamReader({
-      page: (block, offset, p, rec) => {
-        if ('at' in p) this.pages.push({ block, offset, rec, at: p.at });
+      page: (block, _offset, p, rec) => {
+        if ('at' in p) this.pages.push({ block, rec, at: p.at });
       },
     });
   }
 
   /** Encodes what `chunk` completes; an incomplete page record waits for the next chunk. */
   push(chunk: Buffer): Buffer {
-    this.streamBytes += chunk.length;
     this.reader.push(chunk);
     this.held.add(chunk);
     const end = this.held.end;
