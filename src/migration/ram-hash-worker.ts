@@ -1,13 +1,15 @@
-// Why this file exists: hashing guest RAM (ram-verify.ts) off the agent's main thread. A pool
-// worker: each message {id, file, groups} (1 MiB group indexes) is answered with {id, hashes}.
+// Why this file exists: hashing guest RAM (ram-hash.ts) off the agent's main thread. A pool
+// worker: each message {id, slot, task} runs the task as thread `slot` until no group is left
+// and is answered with {id} (or {id, error}); the hashes are in the task's shared buffer.
 import { parentPort } from 'node:worker_threads';
-import { hashGroups, hashReady } from './ram-verify.js';
+import { hashReady, runTask, type HashTask } from './ram-hash.js';
 
 // Messages wait in the port until the listener is attached, i.e. until the hasher is ready.
 await hashReady();
-parentPort!.on('message', (m: { id: number; file: string; groups: number[] }) => {
+parentPort!.on('message', (m: { id: number; slot: number; task: HashTask }) => {
   try {
-    parentPort!.postMessage({ id: m.id, hashes: hashGroups(m.file, m.groups) });
+    runTask(m.task, m.slot);
+    parentPort!.postMessage({ id: m.id });
   } catch (e) {
     parentPort!.postMessage({ id: m.id, error: (e as Error).message });
   }

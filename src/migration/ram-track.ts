@@ -16,7 +16,7 @@
 // If the reader meets a stream it does not know, every group is hashed in the pause, as before.
 // The source cannot do the same: its RAM is what QEMU's stream may miss (ram-verify.ts).
 import { MigrationStreamReader } from '../qemu/migration-stream.js';
-import { hashRam, hashSome, RAM_GROUP, RAM_HASH_BYTES, ramGroups } from './ram-verify.js';
+import { hashRam, hashSome, RAM_GROUP, RAM_HASH_BYTES, RamHashJob, ramGroups } from './ram-hash.js';
 
 /**
  * A group may be hashed early once QEMU has taken this many bytes of the stream beyond the
@@ -24,7 +24,7 @@ import { hashRam, hashSome, RAM_GROUP, RAM_HASH_BYTES, ramGroups } from './ram-v
  * buffer (32 KiB) are all that can lie between taken and loaded.
  */
 const MARGIN = 1 << 20;
-/** At most this many groups per `refresh`, so that the pause never waits long for one to end. */
+/** At most this many groups per `refresh`. */
 const BATCH = 64;
 /** The RAM block that is the guest-RAM file (cmdline.ts: memory-backend id). */
 const RAM_BLOCK = 'pc.ram';
@@ -50,6 +50,7 @@ export class RamTracker {
   /** stream bytes fed so far (a record is placed at the end of the chunk that holds it) */
   private fed = 0;
   private busy: Promise<void> | undefined;
+  private job: RamHashJob | undefined;
   private closed = false;
   private earlyGroups = 0;
 
@@ -91,7 +92,10 @@ export class RamTracker {
     for (let g = 0; g < this.groups && todo.length < BATCH; g++) if (this.hashGen[g]! < this.seenGen[g]! && this.seenPos[g]! <= taken) todo.push(g);
     if (!todo.length) return Promise.resolve();
     const covers = todo.map((g) => this.seenGen[g]!);
-    this.busy = hashSome(this.file, todo)
+    // One thread: the other core is the decoder's and QEMU's, whose loading the pause waits for.
+    const job = (this.job = new RamHashJob(this.file, todo));
+    job.width(1);
+    this.busy = job.done
       .then((h) => {
         todo.forEach((g, i) => {
           if (this.seenGen[g] !== covers[i]) return; // touched while hashing
@@ -101,13 +105,19 @@ export class RamTracker {
         this.earlyGroups += todo.length;
       })
       .catch(() => {}) // an early hash is an optimisation: the pause hashes what is missing
-      .finally(() => (this.busy = undefined));
+      .finally(() => {
+        this.busy = undefined;
+        this.job = undefined;
+      });
     return this.busy;
   }
 
   /** QEMU has loaded the whole stream: every group's hash, hashing only the stale ones. */
   async final(): Promise<{ hashes: Buffer; stats: RamTrackStats }> {
     this.closed = true;
+    // A refresh in progress stops after its current group (its groups stay stale, hashed below
+    // at full width): waiting for up to BATCH groups on one thread cost the pause up to 30 ms.
+    this.job?.cancel();
     await this.busy;
     const stopped = this.reader.stopped ?? (this.reader.finished ? undefined : 'the stream ended before the device state');
     if (stopped) return { hashes: await hashRam(this.file, this.groups * RAM_GROUP), stats: { finalGroups: this.groups, earlyGroups: this.earlyGroups, readerStopped: stopped } };

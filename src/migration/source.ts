@@ -28,7 +28,8 @@ import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
-import { hashRam, RAM_HASH, readGroup, scribbleFreeRam, warmUp } from './ram-verify.js';
+import { RAM_HASH, RamHashJob, ramGroups, warmUp } from './ram-hash.js';
+import { readGroup, scribbleFreeRam } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
 import { listenForQemu, STREAM_HASH, type RamSource } from './ram-pipe.js';
 import { sendFiles, type ChainManifest } from './snapshot-chain.js';
@@ -102,6 +103,9 @@ export interface MigrationView {
   /** ms from the start at which each step began (where a migration's time went) */
   marks: Record<string, number>;
 }
+
+/** Below this link rate (bytes/s; 240 Mbit/s) the source hashes guest RAM alongside QEMU's last pages. */
+const HASH_ALONGSIDE_BELOW = 30e6;
 
 export class SourceMigration {
   readonly id = crypto.randomBytes(16).toString('hex');
@@ -362,6 +366,21 @@ export class SourceMigration {
     // queue, frames copied, frames re-sent).
     const samples: number[][] = [];
     const sampler = DEBUG ? setInterval(() => samples.push([Date.now() - pausedAt, this.ramSrc!.bytes() + this.ramSrc!.backlog() - streamAtPause, session.stats.wireBytesSent - wireAtPause, session.unackedPayload, session.stats.framesRescued, session.stats.framesResent, session.stats.parityFrames]), 5) : undefined;
+    // Guest RAM no longer changes (QEMU stopped the vCPUs and drained I/O before it paused), so
+    // its hash for the destination's check may start now. On a WAN link the final disk round
+    // and QEMU's last pages wait for the link, not the cores: one thread hashes alongside them
+    // (measured on wan-10: the hash ended 16–48 ms after the stream instead of 58–115, the
+    // stream no later; two threads alongside delayed it 35–120 ms; wan-100: 2 ms after the
+    // stream instead of 130). On a LAN they wait for the cores: the hash holds until they are
+    // out (lan: 262 and 323 ms guest-seen, against 385 with a thread alongside). Then it runs
+    // on both threads.
+    const ramFile = this.host.ramFile(spec);
+    // Fault injection for the repair test: FERRY_FAULT=corrupt-ram changes 3 MiB of the paused
+    // guest's free (zero) RAM behind QEMU's back, as its missed dirty tracking leaves pages.
+    if (process.env.FERRY_FAULT === 'corrupt-ram' && fs.existsSync(ramFile)) scribbleFreeRam(ramFile, spec.memoryMiB * 2 ** 20, 3);
+    // Cancelled when this scope ends: a job left holding would keep the hashing threads.
+    using ramHash = fs.existsSync(ramFile) ? new RamHashJob(ramFile, Array.from({ length: ramGroups(spec.memoryMiB * 2 ** 20) }, (_, g) => g)) : undefined;
+    ramHash?.width(this.linkRate > 0 && this.linkRate < HASH_ALONGSIDE_BELOW ? 1 : 0);
     this.phase('switchover');
     timings.journaledAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
@@ -372,6 +391,7 @@ export class SourceMigration {
     await sender.release(); // every read is done: nothing may hold the disks when QEMU inactivates them
     this.ramSrc!.ungate();
     await this.peer.send({ t: 'final', n: finalN }, { urgent: true });
+    const ramHashLeft = ramHash?.remaining ?? 0;
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
     await migrateContinue(qmp);
     timings.continuedAt = Date.now();
@@ -383,15 +403,8 @@ export class SourceMigration {
     if (this.view.ram) this.view.ram = { ...this.view.ram, streamBytes: ramSrc.bytes(), ...(this.ramEncoder ? { encodedBytes: this.ramEncoder.encodedBytes } : {}) };
     const wireAtRamEnd = session.stats.wireBytesSent;
     if (ramSrc.digest()) {
-      // Guest RAM no longer changes. It is hashed only now: the destination needs the hashes
-      // once it has loaded the stream, and until QEMU's last pages are read and sent, the cores
-      // belong to that (measured on wan-10 with hashing from the pause on: QEMU's last 17 MB took
-      // 190 ms to leave).
-      const ramFile = this.host.ramFile(spec);
-      // Fault injection for the repair test: FERRY_FAULT=corrupt-ram changes 3 MiB of the paused
-      // guest's free (zero) RAM behind QEMU's back, as its missed dirty tracking leaves pages.
-      if (process.env.FERRY_FAULT === 'corrupt-ram' && fs.existsSync(ramFile)) scribbleFreeRam(ramFile, spec.memoryMiB * 2 ** 20, 3);
-      const groups = fs.existsSync(ramFile) ? await hashRam(ramFile, spec.memoryMiB * 2 ** 20).catch(() => undefined) : undefined;
+      ramHash?.width(2);
+      const groups = await ramHash?.done.catch(() => undefined);
       timings.ramHashedAt = Date.now();
       await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), stream: ramSrc.digest(), streamHash: STREAM_HASH, ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) }, { urgent: true });
     }
@@ -412,7 +425,7 @@ export class SourceMigration {
       totalMs: Date.now() - this.t0,
       pausedMs: answer.at - pausedAt,
       ...(q?.downtimeMs !== undefined ? { qemuDowntimeMs: q.downtimeMs } : {}),
-      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, ...(this.ramEncoder ? { ramEncodedAfterPause: this.ramEncoder.encodedBytes - encodedAtPause } : {}), wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramRepairedMiB: dt.ramRepairedMiB ?? 0, destFramesRebuilt: dt.framesRebuilt ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
+      switchover: { pausedAtEpoch: pausedAt, destContAtEpoch: dt.contAt ?? 0, ...Object.fromEntries(Object.entries(sender.finalTimings).map(([k, v]) => [`final.${k}`, v])), finalDiskBytes: finalBytes, queuedAtPause, ramStreamAfterPause: ramSrc.bytes() - streamAtPause, ...(this.ramEncoder ? { ramEncodedAfterPause: this.ramEncoder.encodedBytes - encodedAtPause } : {}), wireAfterPause: wireAtRamEnd - wireAtPause, ramEndedMs: rel(timings.ramEndedAt), destRamLastBytesMs: rel(dt.ramLastBytesAt), detectedMs: rel(timings.detectedAt), journaledMs: rel(timings.journaledAt), diskLoopDoneMs: rel(timings.diskLoopDoneAt), finalDiskReadMs: rel(timings.finalReadAt), continuedMs: rel(timings.continuedAt), destFinalMs: rel(dt.finalAt), destDiskVerifiedMs: rel(dt.diskVerifiedAt), destRamCompletedMs: rel(dt.ramCompletedAt), destRamCheckedMs: rel(dt.ramCheckedAt), destRamEndMs: rel(dt.ramEndAt), ramHashedMs: rel(timings.ramHashedAt), ramHashLeftAtContinue: ramHashLeft, ramZeroMiB: ramHash?.zeroGroups ?? -1, ramRepairedMiB: dt.ramRepairedMiB ?? 0, destFramesRebuilt: dt.framesRebuilt ?? 0, ...(dt.ramHashedInPauseMiB !== undefined ? { destRamHashedInPauseMiB: dt.ramHashedInPauseMiB } : {}), destRunningMs: rel(dt.contAt) },
     };
     await this.host.migratedAway(this.vmName, this.o.to, this.o.keepSource);
     await this.peer.send({ t: 'confirm' }).catch(() => {});

@@ -209,7 +209,8 @@ describe('guest RAM check', () => {
     const fs = await import('node:fs');
     const os = await import('node:os');
     const path = await import('node:path');
-    const { differingGroups, hashRam, readGroup, writeGroup, RAM_GROUP, RAM_HASH_BYTES } = await import('../../src/migration/ram-verify.js');
+    const { differingGroups, readGroup, writeGroup } = await import('../../src/migration/ram-verify.js');
+    const { hashRam, RAM_GROUP, RAM_HASH_BYTES } = await import('../../src/migration/ram-hash.js');
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ram-'));
     const a = path.join(dir, 'a.ram');
     const b = path.join(dir, 'b.ram');
@@ -224,6 +225,47 @@ describe('guest RAM check', () => {
     expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([2, 5]);
     for (const g of [2, 5]) writeGroup(b, g, readGroup(a, g));
     expect(differingGroups(ha, await hashRam(b, 8 * RAM_GROUP))).toEqual([]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('hashes at a width the switchover can hold and release, to the same hashes', async () => {
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { hashRam, RamHashJob, RAM_GROUP } = await import('../../src/migration/ram-hash.js');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ram-'));
+    const a = path.join(dir, 'a.ram');
+    const mem = Buffer.alloc(11 * RAM_GROUP + 4096); // a short last group
+    crypto.randomFillSync(mem, 3 * RAM_GROUP, 5 * RAM_GROUP);
+    fs.writeFileSync(a, mem);
+    const all = Array.from({ length: 12 }, (_, g) => g);
+    const job = new RamHashJob(a, all);
+    let done = false;
+    void job.done.then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(done).toBe(false); // width 0 until told
+    expect(job.remaining).toBe(12);
+    job.width(1);
+    expect((await job.done).equals(await hashRam(a, mem.length))).toBe(true);
+    expect(job.remaining).toBe(0);
+    expect(job.zeroGroups).toBe(6); // 0–2 and 8–10 (the short last one is hashed)
+    // A listed subset, in the list's order; a cancelled job rejects.
+    const some = new RamHashJob(a, [9, 4]);
+    some.width(2);
+    const h = await hashRam(a, mem.length);
+    expect(await some.done).toEqual(Buffer.concat([h.subarray(9 * 16, 10 * 16), h.subarray(4 * 16, 5 * 16)]));
+    // A thread over the width does not wait once every group is taken (else it would sit out the
+    // 10 s hold limit, and the pool with it, after a one-thread job).
+    const { hashReady, runTask } = await import('../../src/migration/ram-hash.js');
+    await hashReady();
+    const control = new Int32Array(new SharedArrayBuffer(12));
+    control[1] = 12; // every group taken; width 0
+    const t0 = Date.now();
+    expect(runTask({ file: a, groups: all, control, out: new Uint8Array(12 * 16) }, 1)).toBe('done');
+    expect(Date.now() - t0).toBeLessThan(1000);
+    const cancelled = new RamHashJob(a, all);
+    cancelled.cancel();
+    await expect(cancelled.done).rejects.toThrow(/cancelled/);
     fs.rmSync(dir, { recursive: true, force: true });
   });
 });

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MigrationStreamReader } from '../../src/qemu/migration-stream.js';
 import { RamTracker } from '../../src/migration/ram-track.js';
-import { hashRam } from '../../src/migration/ram-verify.js';
+import { hashRam } from '../../src/migration/ram-hash.js';
 
 import { end, head, MiB, page, part, str, u16, u32, u64, u8, zero } from './fixtures/qemu-stream.js';
 

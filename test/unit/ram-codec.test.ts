@@ -57,6 +57,19 @@ describe('RAM page-delta codec', () => {
     expect(a).toBeLessThan(once.length - 1200); // the first: its last 324 words are zero, left out
   });
 
+  it('rebuilds re-sent pages whatever their changes: runs at either end, single unchanged words between', () => {
+    const base = kernelPage(7);
+    const variants = [[0], [1023], [0, 1023], [5, 7, 9], [5, 6, 8, 9], [100, 102, 104, 200], Array.from({ length: 1024 }, (_, i) => i), Array.from({ length: 512 }, (_, i) => 2 * i)];
+    for (let t = 0; t < 40; t++) variants.push(Array.from({ length: 1 + Math.floor(Math.random() * 60) }, () => Math.floor(Math.random() * 1024)));
+    const pages = variants.map((words, v) => {
+      const p = Buffer.from(base);
+      for (const w of words) p.writeUInt32LE((p.readUInt32LE(w * 4) ^ (0x9e3779b9 + v)) >>> 0, w * 4);
+      return page(0, p, 'pc.ram');
+    });
+    const s2 = Buffer.concat([head(), part(page(0, base, 'pc.ram')), ...pages.map((p) => part(p)), end()]);
+    expect(roundTrip(s2, () => 4099).out.equals(s2)).toBe(true);
+  });
+
   it('round-trips with a cache smaller than what was sent (least recently sent pages leave)', () => {
     for (const cache of [4096, 2 * 4096, 3 * 4096]) {
       const { out } = roundTrip(s, () => 5000, cache);
