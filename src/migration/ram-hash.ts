@@ -130,7 +130,8 @@ export function ramGroups(bytes: number): number {
 
 /**
  * The hashes of a list of groups, computed on the pool's threads at the width the caller sets
- * (`width(n)`: how many threads may hash from now on; 0 holds them between two groups).
+ * (`width(n)`: how many threads may hash from now on; 0 holds them between two groups). A held
+ * job keeps the pool's threads: another job waits behind it (10 s at most, MAX_HOLD_MS).
  */
 export class RamHashJob {
   /** the hashes of the groups, concatenated in their order, once all are hashed */
