@@ -201,7 +201,12 @@ export function hashSome(file: string, groups: readonly number[]): Promise<Buffe
   return job.done;
 }
 
+/** Every 1 MiB group of `bytes` of guest RAM, in order. */
+export function allGroups(bytes: number): number[] {
+  return Array.from({ length: ramGroups(bytes) }, (_, g) => g);
+}
+
 /** The hash of every 1 MiB group of guest RAM [0, bytes), concatenated (on the pool's threads). */
 export function hashRam(file: string, bytes: number): Promise<Buffer> {
-  return hashSome(file, Array.from({ length: ramGroups(bytes) }, (_, g) => g));
+  return hashSome(file, allGroups(bytes));
 }

@@ -28,7 +28,7 @@ import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
-import { RAM_HASH, RamHashJob, ramGroups, warmUp } from './ram-hash.js';
+import { allGroups, RAM_HASH, RamHashJob, warmUp } from './ram-hash.js';
 import { readGroup, scribbleFreeRam } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
 import { listenForQemu, STREAM_HASH, type RamSource } from './ram-pipe.js';
@@ -379,7 +379,7 @@ export class SourceMigration {
     // guest's free (zero) RAM behind QEMU's back, as its missed dirty tracking leaves pages.
     if (process.env.FERRY_FAULT === 'corrupt-ram' && fs.existsSync(ramFile)) scribbleFreeRam(ramFile, spec.memoryMiB * 2 ** 20, 3);
     // Cancelled when this scope ends: a job left holding would keep the hashing threads.
-    using ramHash = fs.existsSync(ramFile) ? new RamHashJob(ramFile, Array.from({ length: ramGroups(spec.memoryMiB * 2 ** 20) }, (_, g) => g)) : undefined;
+    using ramHash = fs.existsSync(ramFile) ? new RamHashJob(ramFile, allGroups(spec.memoryMiB * 2 ** 20)) : undefined;
     ramHash?.width(this.linkRate > 0 && this.linkRate < HASH_ALONGSIDE_BELOW ? 1 : 0);
     this.phase('switchover');
     timings.journaledAt = Date.now();
