@@ -267,7 +267,7 @@ export class DestinationMigration {
       // A disk over a snapshot chain has no template shortcut: blocks the top layer lacks may
       // live in any image of the chain, not only in the template (base-hashes.ts).
       this.receiver = new DiskReceiver(this.nbds, this.peer, this.spec.disks.map((d) => (this.chain ? undefined : d.backing)));
-      this.receiver.onError = (e) => void this.fail(`disk write failed: ${e.message}`);
+      this.receiver.onError = (e) => void this.diskWriteFailed(e);
       this.journal('receiving');
       await this.peer.reply(m, { t: 'prepared', disks: this.spec.disks.map((d, i) => ({ id: d.id, sizeBytes: d.sizeBytes, base: r.bases[i]! })) });
     } catch (e) {
@@ -453,6 +453,16 @@ export class DestinationMigration {
   }
 
   /** Tells the source this side will not run the VM, then aborts. */
+  /**
+   * A disk write fails when this side's QEMU died (its NBD server goes with it): then QEMU's own
+   * reason, which its exit handler reports, is the one to give (CI: a corrupted RAM record made
+   * QEMU's loader exit, and "NBD connection closed" was reported instead).
+   */
+  private async diskWriteFailed(e: Error): Promise<void> {
+    if (await this.inst?.waitExit(1000)) return;
+    await this.fail(`disk write failed: ${e.message}`);
+  }
+
   private async fail(reason: string): Promise<void> {
     if (this.phase === 'running' || this.phase === 'done' || this.phase === 'aborted') return;
     await this.peer.send({ t: 'failed', reason }).catch(() => {});
