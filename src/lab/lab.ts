@@ -17,6 +17,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { DEFAULT_IMAGES_DIR, distDir, removeRamFiles } from '../config.js';
 import { FerryError } from '../errors.js';
+import { missingPackages } from '../setup/packages.js';
 import { initAgent, readToken } from '../agent/identity.js';
 import { TRANSPORT_PORT } from '../migration/protocol.js';
 import { trustHost } from '../transport/tls.js';
@@ -116,6 +117,9 @@ export async function labUp(o: UpOptions = {}): Promise<LabState> {
   if (!/^10\.\d{1,3}$/.test(base) || Number(base.split('.')[1]) > 252) throw new FerryError('INVALID_ARGUMENT', `base must look like 10.240`);
   const say = o.say ?? (() => {});
   if (process.getuid?.() !== 0) throw new FerryError('SETUP_REQUIRED', 'the WAN lab needs root (network namespaces)');
+  // On a fresh machine `ferry setup` has not run yet: say what is missing before half a lab is up.
+  const missing = await missingPackages(['iproute2', 'ethtool', 'qemu-system-x86', 'qemu-utils']);
+  if (missing.length) throw new FerryError('SETUP_REQUIRED', `the WAN lab needs Debian packages that are not installed: ${missing.join(', ')} (run \`ferry setup\` as root)`, { details: { missing } });
   if (fs.existsSync(stateFile(name))) throw new FerryError('LAB_EXISTS', `lab "${name}" is already up (\`ferry lab down --name ${name}\` first)`);
   const [b0, b1] = base.split('.').map(Number) as [number, number];
   const mgmt = (i: number, h: number) => `${b0}.${b1}.${i}.${h}`;

@@ -5,6 +5,7 @@
 // resumes the guest and tells the source. Anything that ends the session before that aborts:
 // the QEMU is killed and the partial disks are cached for a retry. It never runs the VM unless
 // every disk block verified and QEMU loaded the whole state.
+import { startProfile, type Profile } from '../util/profile.js';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -95,6 +96,7 @@ export class DestinationMigration {
   phase: DestPhase | 'begin' = 'begin';
   private inst: QemuInstance | undefined;
   private nbds: NbdClient[] = [];
+  private profile: Profile = { mark: () => {}, stop: () => {} };
   private receiver: DiskReceiver | undefined;
   private ram: RamSink | undefined;
   private ramBacklog: Buffer[] = [];
@@ -277,6 +279,7 @@ export class DestinationMigration {
   }
 
   private async ramStart(m: Extract<Control, { t: 'ram-start' }>): Promise<void> {
+    this.profile = startProfile(); // FERRY_PROFILE=DIR: the main thread's CPU, stopped once the VM runs here
     try {
       const qmp = this.inst!.qmp;
       await ramCapabilities(qmp, m.caps);
@@ -313,20 +316,28 @@ export class DestinationMigration {
   private writeRam(m: Buffer): void {
     if (DEBUG && this.finalAt) this.ramAfterFinal.push([Date.now() - this.finalAt, m.length]);
     if (this.ramBroken) return;
-    let b = m;
+    const dec = this.ramDecoder;
+    if (!dec) return this.toQemu(m);
     try {
-      const t0 = performance.now();
-      if (this.ramDecoder) b = this.ramDecoder.push(m);
+      let t0 = performance.now();
+      dec.pushTo(m, (b) => {
+        const t1 = performance.now();
+        this.toQemu(b, () => dec.recycle(b));
+        t0 += performance.now() - t1; // FERRY_DEBUG_MIGRATE's decodeMs: decoding only
+      });
       if (DEBUG && this.finalAt) this.decodeMsAfterFinal += performance.now() - t0;
     } catch (e) {
       this.ramBroken = true; // what follows cannot be decoded either
       void this.fail(`bad RAM stream message: ${(e as Error).message}`);
-      return;
     }
+  }
+
+  /** QEMU's stream bytes, in order, into its incoming socket (`written`: it took them). */
+  private toQemu(b: Buffer, written?: () => void): void {
     if (!b.length) return;
     if (CORRUPT_STREAM && ++this.ramMessages === 100) b[b.length >> 1] ^= 1;
     this.ramTrack?.feed(b);
-    this.ram!.write(b);
+    this.ram!.write(b, written);
   }
 
   /**
@@ -387,6 +398,7 @@ export class DestinationMigration {
   /** FINAL barrier n: the guest is paused at the source. Verify, wait for RAM, run. */
   private async finish(n: number): Promise<void> {
     const t: Record<string, number> = { finalAt: Date.now() };
+    this.profile.mark('final');
     this.finalAt = t.finalAt;
     // The guest is paused and the link, not the cores, is what the last pages wait for: hash the
     // groups they touch as QEMU loads them, every 10 ms, so that little is left once it is done.
@@ -440,6 +452,8 @@ export class DestinationMigration {
       await cont(qmp);
       const at = Date.now();
       t.contAt = at;
+      this.profile.mark('cont');
+      this.profile.stop('destination');
       this.host.activate(this.spec.name, this.from);
       await this.peer.send({ t: 'running', at, timings: t }, { urgent: true });
       if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', timings: t, decodeMs: Math.round(this.decodeMsAfterFinal), ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);

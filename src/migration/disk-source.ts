@@ -47,6 +47,8 @@ export interface DiskStats {
 }
 
 const READ_DEPTH = 16;
+/** pipelined rounds (the RAM phase) go on while at most this many barriers await their answer */
+const MAX_UNANSWERED = 3;
 
 export class DiskSender {
   readonly stats: DiskStats = { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, initialBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0 };
@@ -56,6 +58,10 @@ export class DiskSender {
   private bitmap = '';
   private roundStartedAt = 0;
   private badRounds = 0;
+  /** barriers sent whose answer has not come (pipelined rounds), oldest first */
+  private readonly unanswered = new Map<number, Promise<void>>();
+  /** an answer's failure (VERIFY_FAILED), thrown by the next round */
+  private answerError: Error | undefined;
   /** where the final round's time went (ms from its start), for the switchover report */
   readonly finalTimings: Record<string, number> = {};
   /** the step a dirty round is at (the switchover timeline says where the pause found it) */
@@ -149,7 +155,8 @@ export class DiskSender {
    * recorded plus pending extras, then barrier. Returns the bytes sent. With `final`, the guest
    * is paused: the barrier is the FINAL one, and its answer is not awaited here.
    */
-  async dirtyRound(onProgress: () => void, final = false, stopWaiting?: Promise<void>): Promise<{ sent: number; barrier: number }> {
+  async dirtyRound(onProgress: () => void, final = false, stopWaiting?: Promise<void>, pipelined = false): Promise<{ sent: number; barrier: number }> {
+    if (this.answerError) throw this.answerError;
     const old = this.bitmap;
     this.stats.round++;
     const t0 = Date.now();
@@ -218,10 +225,19 @@ export class DiskSender {
     const n = await this.sendBarrier();
     if (!final) {
       // The answer is waited for unless the switchover starts meanwhile (then the destination's
-      // own list of unresolved blocks carries any mismatch to the final check).
-      const answer = this.awaitBarrier(n);
-      answer.catch(() => {});
-      await (stopWaiting ? Promise.race([answer, stopWaiting]) : answer);
+      // own list of unresolved blocks carries any mismatch to the final check). Pipelined, only
+      // the answer MAX_UNANSWERED rounds back is: its mismatches join a later round.
+      const answer = this.awaitBarrier(n).then(
+        () => void this.unanswered.delete(n),
+        (e: Error) => {
+          this.unanswered.delete(n);
+          this.answerError ??= e;
+        },
+      );
+      this.unanswered.set(n, answer);
+      const wait = pipelined ? (this.unanswered.size > MAX_UNANSWERED ? this.unanswered.values().next().value : undefined) : answer;
+      if (wait) await (stopWaiting ? Promise.race([wait, stopWaiting]) : wait);
+      if (this.answerError) throw this.answerError;
     }
     mark('idle');
     return { sent, barrier: n };

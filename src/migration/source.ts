@@ -33,6 +33,7 @@ import { readGroup, scribbleFreeRam } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
 import { listenForQemu, STREAM_HASH, type RamSource } from './ram-pipe.js';
 import { sendFiles, type ChainManifest } from './snapshot-chain.js';
+import { startProfile } from '../util/profile.js';
 
 /**
  * FERRY_DEBUG_MIGRATE=FILE: the RAM phase's QEMU figures and the queue, one JSON line per poll,
@@ -104,6 +105,10 @@ export interface MigrationView {
   marks: Record<string, number>;
 }
 
+/** Members of a parity stripe in the pause (transport/parity.ts) */
+const PAUSE_STRIPE = 8;
+/** Between two disk rounds of the RAM phase (each costs QEMU ~5 QMP commands and the destination a flush). */
+const RAM_DISK_GAP_MS = 50;
 /** Below this link rate (bytes/s; 240 Mbit/s) the source hashes guest RAM alongside QEMU's last pages. */
 const HASH_ALONGSIDE_BELOW = 30e6;
 
@@ -245,6 +250,7 @@ export class SourceMigration {
 
     // ── Perform: RAM ──
     this.phase('ram');
+    const profile = startProfile(); // FERRY_PROFILE=DIR: the main thread's CPU, stopped after the switchover
     // A link outage stalls the RAM copy like the disk copy: QEMU keeps iterating into the spool
     // (ram-pipe.ts) at a paced rate, and the stream resumes when the link does. Guest RAM is
     // compared (and repaired) end to end at the switchover, which QEMU 7.2 under TCG needs
@@ -287,14 +293,18 @@ export class SourceMigration {
         }
       }, 5);
     });
-    // Disk rounds continue during the RAM copy. When the switchover comes, the round in flight
-    // finishes sending but does not wait for its barrier's answer (that costs a round trip of
-    // pause): the destination keeps any block that failed that barrier on its unresolved list
-    // and refuses to run the VM unless a later write fixed it.
+    // Disk rounds continue during the RAM copy, pipelined (a round does not wait for its
+    // barrier's answer, only for the one MAX_UNANSWERED rounds back) and RAM_DISK_GAP_MS apart:
+    // what the guest wrote since the last round crosses in the pause, and with a round every
+    // ~320 ms (200 ms apart, each waiting a round trip for its answer) that was 35–47 KB of
+    // wan-10's pause wire (~30 ms of link). When the switchover comes, the round in flight
+    // finishes sending but does not wait for its answer: the destination keeps any block that
+    // failed a barrier on its unresolved list and refuses to run the VM unless a later write
+    // fixed it.
     const diskLoop = (async () => {
       while (!stopDisk) {
-        await sender.dirtyRound(() => {}, false, preSwitch);
-        if (!stopDisk) await Promise.race([sleep(200), preSwitch]);
+        await sender.dirtyRound(() => {}, false, preSwitch, true);
+        if (!stopDisk) await Promise.race([sleep(RAM_DISK_GAP_MS), preSwitch]);
       }
     })();
     let lastParams = 0;
@@ -351,21 +361,26 @@ export class SourceMigration {
     if (!pausedAt) pausedAt = Date.now();
     stopDisk = true;
     const timings: Record<string, number> = { pausedAt, detectedAt: Date.now() };
+    profile.mark('detected');
     const diskStepAtPause = sender.roundStep;
     sender.switching = true;
     // From here a round trip costs more than bytes: every few frames go out with their parity on
     // another connection, so a segment lost in one TCP connection costs the destination no round
     // trip of loss recovery (transport/parity.ts; on wan-10 with the pause's queue one is ~250 ms).
-    if (process.env.FERRY_PARITY !== '0') session.protect(true); // FERRY_PARITY=0: off, for comparisons
+    // A stripe closes at PAUSE_STRIPE members, or when QEMU's stream has ended (below): parity
+    // costs ~1/k of the pause's bytes, and a member lost anywhere is rebuilt by the time the
+    // last bytes are in (a stripe closed 20 ms after its first member, as in bulk transfers,
+    // took 3–4 members of the pause's ~8 KB messages: a third more bytes on the link).
+    if (process.env.FERRY_PARITY !== '0') session.protect(true, PAUSE_STRIPE, 1000); // FERRY_PARITY=0: off, for comparisons
     // What was queued when QEMU paused the guest crosses during the pause, before the last pages.
     const queuedAtPause = session.unackedPayload + this.ramSrc.backlog();
     const wireAtPause = session.stats.wireBytesSent;
     const streamAtPause = this.ramSrc.bytes() + this.ramSrc.backlog();
     const encodedAtPause = this.ramEncoder?.encodedBytes ?? 0;
     // FERRY_DEBUG_MIGRATE: the pause sampled every 5 ms (ms, stream bytes read, wire bytes sent,
-    // queue, frames copied, frames re-sent).
+    // queue, frames copied, their bytes, tail probes among them, parity frames, their bytes).
     const samples: number[][] = [];
-    const sampler = DEBUG ? setInterval(() => samples.push([Date.now() - pausedAt, this.ramSrc!.bytes() + this.ramSrc!.backlog() - streamAtPause, session.stats.wireBytesSent - wireAtPause, session.unackedPayload, session.stats.framesRescued, session.stats.framesResent, session.stats.parityFrames]), 5) : undefined;
+    const sampler = DEBUG ? setInterval(() => samples.push([Date.now() - pausedAt, this.ramSrc!.bytes() + this.ramSrc!.backlog() - streamAtPause, session.stats.wireBytesSent - wireAtPause, session.unackedPayload, session.stats.framesRescued, session.stats.rescuedBytes, session.stats.framesProbed, session.stats.parityFrames, session.stats.parityBytes]), 5) : undefined;
     // Guest RAM no longer changes (QEMU stopped the vCPUs and drained I/O before it paused), so
     // its hash for the destination's check may start now. On a WAN link the final disk round
     // and QEMU's last pages wait for the link, not the cores: one thread hashes alongside them
@@ -398,6 +413,7 @@ export class SourceMigration {
     // The RAM stream is checked end to end: the destination compares it before it runs the VM.
     const ramSrc = this.ramSrc!;
     await Promise.race([ramSrc.ended, outcome]);
+    session.closeStripe();
     timings.ramEndedAt = Date.now();
     // The whole stream, as it was and as the codec sent it (the RAM loop's last sample predates the pause).
     if (this.view.ram) this.view.ram = { ...this.view.ram, streamBytes: ramSrc.bytes(), ...(this.ramEncoder ? { encodedBytes: this.ramEncoder.encodedBytes } : {}) };
@@ -409,6 +425,8 @@ export class SourceMigration {
       await this.peer.send({ t: 'ram-end', bytes: ramSrc.bytes(), stream: ramSrc.digest(), streamHash: STREAM_HASH, ...(groups ? { groups: groups.toString('base64'), groupHash: RAM_HASH } : {}) }, { urgent: true });
     }
     const answer = await outcome;
+    profile.mark('answered');
+    profile.stop('source');
     session.protect(false);
     clearInterval(sampler);
     if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', diskStepAtPause, cpu: this.ramSrc!.cpuSincePause(), pause: samples })}\n`);

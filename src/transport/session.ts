@@ -56,6 +56,8 @@ export interface SessionStats {
   minRttMs: number;
   /** frames copied to another connection because frames sent after them were acked first */
   framesRescued: number;
+  /** payload bytes of those copies */
+  rescuedBytes: number;
   /** of those: copies made by the tail probe, and second copies of `copies: 2` messages */
   framesProbed: number;
   framesDoubled: number;
@@ -99,12 +101,14 @@ const HIGH_WATER = 512 * 1024;
  * one would only have to move again.
  */
 const SUSPECT_MS = 3500;
+/** a message is handed to its handler only after an ACK went out at most this long before */
+const ACK_PROMPT_MS = 5;
 /** a parity stripe closes this long after its first member at the latest */
 const STRIPE_HOLD_MS = 20;
 
 export class Session extends EventEmitter {
   state: 'open' | 'stalled' | 'closed' = 'stalled';
-  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, framesRescued: 0, framesProbed: 0, framesDoubled: 0, parityFrames: 0, parityBytes: 0, framesRebuilt: 0, channels: {} };
+  readonly stats: SessionStats = { messagesSent: 0, payloadBytesSent: 0, framesSent: 0, framesResent: 0, wireBytesSent: 0, messagesReceived: 0, duplicatesDropped: 0, zeroFrames: 0, refFrames: 0, stalls: 0, connectionsLost: 0, rttMs: 0, minRttMs: 0, framesRescued: 0, rescuedBytes: 0, framesProbed: 0, framesDoubled: 0, parityFrames: 0, parityBytes: 0, framesRebuilt: 0, channels: {} };
   private readonly conns = new Set<Conn>();
   private nextSeq = 1n;
   private readonly unacked = new Map<bigint, Outgoing>();
@@ -118,6 +122,8 @@ export class Session extends EventEmitter {
   private readonly chanNextRx = new Map<number, bigint>();
   private readonly chanPending = new Map<number, Map<bigint, Frame>>();
   private ackTimer: NodeJS.Timeout | undefined;
+  /** when the last ACK frame went out (performance.now()) */
+  private ackSentAt = 0;
   private resumeTimer: NodeJS.Timeout | undefined;
   private pumpTimer: NodeJS.Timeout | undefined;
   private readonly tailTimer: NodeJS.Timeout;
@@ -139,6 +145,8 @@ export class Session extends EventEmitter {
   private striper: Striper<Conn> | undefined;
   /** the first frame sent while the striper was on (the ones before are in no stripe) */
   private protectedFrom = 0n;
+  /** `closeStripe` was called with frames still queued: close it once they are written */
+  private closeStripeWhenSent = false;
   private stripeTimer: NodeJS.Timeout | undefined;
   private readonly rebuilder = new Rebuilder();
 
@@ -182,7 +190,7 @@ export class Session extends EventEmitter {
    * moments where a round trip costs more than bytes (a migration's switchover). No-op unless
    * the peer said it rebuilds frames, or with fewer than 3 connections.
    */
-  protect(on: boolean, k = 15): void {
+  protect(on: boolean, k = 15, holdMs = STRIPE_HOLD_MS): void {
     if (!on) {
       this.flushStripe(true);
       this.striper = undefined;
@@ -190,7 +198,18 @@ export class Session extends EventEmitter {
     }
     if (!this.peerParity || this.striper || this.conns.size < 3) return;
     this.protectedFrom = this.nextSeq;
-    this.striper = new Striper<Conn>(Math.max(2, k), STRIPE_HOLD_MS);
+    this.striper = new Striper<Conn>(Math.max(2, k), holdMs);
+  }
+
+  /**
+   * The open stripe's parity goes now: what was sent is the end of a burst (a migration's last
+   * pages), and a member lost in it is rebuilt as soon as the parity arrives, right behind it.
+   */
+  closeStripe(): void {
+    if (this.queues.some((q) => q.length)) {
+      this.closeStripeWhenSent = true;
+      this.pump();
+    } else this.flushStripe(true);
   }
 
   private stripe(f: Frame, c: Conn): void {
@@ -456,7 +475,13 @@ export class Session extends EventEmitter {
     if (this.state !== 'open') return;
     for (;;) {
       const q = this.queues.find((x) => x.length);
-      if (!q) return;
+      if (!q) {
+        if (this.closeStripeWhenSent) {
+          this.closeStripeWhenSent = false;
+          this.flushStripe(true);
+        }
+        return;
+      }
       const c = this.pick();
       if (!c) return; // 'drain' calls pump again
       const seq = q[0]!;
@@ -565,6 +590,10 @@ export class Session extends EventEmitter {
           return;
         }
         this.stats.messagesReceived++;
+        // The handler may hold this thread for milliseconds (a migration's RAM decoder): what
+        // arrived is acknowledged first, or the sender, seeing no acknowledgement, takes frames
+        // in flight for lost and copies them (99 copies in one wan-10 pause, ~30 KB of link).
+        if (performance.now() - this.ackSentAt >= ACK_PROMPT_MS) this.sendAck();
         this.emit('message', m.channel, msg);
       }
       // The frame may complete a stripe still missing two members: rebuild the other one.
@@ -581,7 +610,9 @@ export class Session extends EventEmitter {
   }
 
   private sendAck(): void {
+    if (this.ackTimer) clearTimeout(this.ackTimer);
     this.ackTimer = undefined;
+    this.ackSentAt = performance.now();
     let best: Conn | null = null;
     for (const c of this.conns) if (!best || c.sock.writableLength < best.sock.writableLength) best = c;
     if (!best) return;
@@ -698,6 +729,7 @@ export class Session extends EventEmitter {
     if (!to) return false;
     o.rescued = true;
     this.stats.framesRescued++;
+    this.stats.rescuedBytes += o.size;
     if (why === 'tail') this.stats.framesProbed++;
     if (why === 'urgent') this.stats.framesDoubled++;
     this.write(to, { ...o.frame, ack: this.received });

@@ -4,7 +4,7 @@
 // is refused with TRANSPORT_PROTOCOL. Against a real QEMU stream: test/integration/migration-stream.test.ts.
 import { describe, expect, it } from 'vitest';
 import { RamDecoder, RamEncoder } from '../../src/migration/ram-codec.js';
-import { end, head, MiB, page, part, u32, u64, u8, zero } from './fixtures/qemu-stream.js';
+import { end, EOS, head, MiB, page, part, u32, u64, u8, zero } from './fixtures/qemu-stream.js';
 
 /** A 4 KiB page of pseudo-random words with zeros between, then with `changes` of them altered. */
 function kernelPage(seed: number, changes = 0): Buffer {
@@ -91,5 +91,26 @@ describe('RAM page-delta codec', () => {
     bad(Buffer.from([0x10, 8, ...u64(0x28)])); // a page before any block
     bad(Buffer.concat([Buffer.from([0x02, 6]), Buffer.from('pc.ram'), Buffer.from([0x12, 8]), u64(0x28), Buffer.from([0, 0])])); // a delta for a page never seen
     bad(Buffer.concat([Buffer.from([0x02, 6]), Buffer.from('pc.ram'), Buffer.from([0x10, 8]), u64(0x28), Buffer.from([0x80, 0x10, 1])])); // a page body over 4096 bytes
+  });
+
+  it('hands a large message to the destination in pieces of its own buffers, reused once written', () => {
+    // 300 pages (~1.2 MB of stream) in one message, then a RAW op larger than a piece.
+    const pages = Array.from({ length: 300 }, (_, i) => page(i * 4096, kernelPage(i + 1), i ? undefined : 'pc.ram'));
+    const big = Buffer.concat([head(), part(...pages), u8(0x03), u32(2), EOS, u8(0x7e), u32(2), u8(0x04), Buffer.alloc(300 * 1024, 7)]);
+    const enc = new RamEncoder();
+    const msg = Buffer.concat([enc.push(big), enc.end()]);
+    const dec = new RamDecoder();
+    const pieces: Buffer[] = [];
+    const buffers = new Set<ArrayBufferLike>();
+    dec.pushTo(msg, (b) => {
+      buffers.add(b.buffer);
+      pieces.push(Buffer.from(b)); // "written"
+      dec.recycle(b);
+    });
+    expect(Buffer.concat(pieces).equals(big)).toBe(true);
+    expect(pieces.length).toBeGreaterThan(4);
+    for (const b of pieces.slice(0, -1)) expect(b.length).toBeLessThanOrEqual(256 * 1024 + 4096 + 16);
+    expect(buffers.size).toBeLessThanOrEqual(3); // written pieces' buffers were reused (the RAW op is the message's own bytes)
+    expect(dec.push(new RamEncoder().end()).length).toBe(0);
   });
 });

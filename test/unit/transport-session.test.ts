@@ -164,6 +164,22 @@ describe('transport session', () => {
     client.protect(false);
   });
 
+  it('closes a long-held stripe on demand: a member lost at the end of a burst is rebuilt at once', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    client.protect(true, 8, 60_000); // a stripe would wait a minute for more members
+    const dropped = swallowOne(client);
+    await client.send(3, message(0));
+    await client.send(3, message(1));
+    expect(dropped()).toBe(1);
+    client.closeStripe();
+    await waitUntil(() => rx.msgs.length === 2, 3000); // before any tail probe (≥ 20 ms + 1.5 RTT) or rescue would copy it
+    expect(server.stats.framesRebuilt).toBe(1);
+    expect(client.stats.framesRescued).toBe(0);
+    client.protect(false);
+  });
+
   it('still copies a frame sent before protection began, lost inside a live connection (it is in no stripe)', async () => {
     const { client, server } = await pair({ streams: 4 });
     const rx = collect(server);
