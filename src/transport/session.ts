@@ -674,9 +674,10 @@ export class Session extends EventEmitter {
    */
   private rescue(): void {
     // While parity protects what is sent, a stalled connection's frames are rebuilt from it; copies
-    // would only queue on the link ahead of the last real bytes (70 KB in one wan-10 pause). The
-    // frames sent before protection began are in no stripe: they are still copied (one waited
-    // 149 ms in a wan-10 pause).
+    // would only queue on the link ahead of the last real bytes (70 KB in one wan-10 pause): a
+    // protected frame is copied only once its parity evidently failed. The frames sent before
+    // protection began are in no stripe: they are still copied (one waited 149 ms in a wan-10
+    // pause).
     if (this.conns.size < 2 || !this.ackedSentAt) return;
     const unprotectedBelow = this.striper ? this.protectedFrom : undefined;
     const now = performance.now();
@@ -687,9 +688,12 @@ export class Session extends EventEmitter {
     // Lost only once it is later than the latest delivered frame's round trip (which counts the
     // queue it waited in) allows: with a deep queue, minimum-RTT timing copied frames in transit.
     const late = Math.max(rtt, this.rackRtt) + margin;
+    // A frame its stripe's parity should have rebuilt by now was not: two of the stripe were
+    // lost, or the parity was (one wan-10 pause waited 133 ms for such a frame).
+    const lateProtected = late + Math.max(30, rtt / 2);
     for (const o of this.unacked.values()) {
-      if (unprotectedBelow !== undefined && o.frame.seq >= unprotectedBelow) continue; // its stripe's parity covers it
-      if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < late) continue;
+      const covered = unprotectedBelow !== undefined && o.frame.seq >= unprotectedBelow; // its stripe's parity covers it
+      if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < (covered ? lateProtected : late)) continue;
       // Its connection delivers (a frame written to it earlier was just acknowledged): the frame
       // waits in that connection's queue behind congestion-window-limited data, it is not lost.
       if (now - o.conn.ackedAt < margin) continue;
