@@ -5,7 +5,6 @@
 // resumes the guest and tells the source. Anything that ends the session before that aborts:
 // the QEMU is killed and the partial disks are cached for a retry. It never runs the VM unless
 // every disk block verified and QEMU loaded the whole state.
-import { startProfile, type Profile } from '../util/profile.js';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -27,6 +26,7 @@ import { RAM_CODEC_VERSION, RamDecoder } from './ram-codec.js';
 import { connectToQemu, STREAM_HASH, type RamSink } from './ram-pipe.js';
 import { RamTracker, type RamTrackStats } from './ram-track.js';
 import { chainProblems, FileReceiver, type ChainManifest } from './snapshot-chain.js';
+import { startProfile, type Profile } from '../util/profile.js';
 
 /** FERRY_DEBUG_MIGRATE=FILE: the switchover as this side saw it, one JSON line (source.ts writes its own) */
 const DEBUG = process.env.FERRY_DEBUG_MIGRATE;

@@ -188,7 +188,8 @@ export class Session extends EventEmitter {
    * distinct connections are followed by their XOR on yet another one, so a connection stalled
    * by a lost segment costs the receiver no round trip. About 1/k more bytes: for the few
    * moments where a round trip costs more than bytes (a migration's switchover). No-op unless
-   * the peer said it rebuilds frames, or with fewer than 3 connections.
+   * the peer said it rebuilds frames, or with fewer than 3 connections. A stripe closes at `k`
+   * members or `holdMs` after its first, whichever comes first (or on `closeStripe`).
    */
   protect(on: boolean, k = 15, holdMs = STRIPE_HOLD_MS): void {
     if (!on) {
