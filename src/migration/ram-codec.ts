@@ -342,8 +342,8 @@ export class RamDecoder {
 
   /** One message: the stream bytes it stands for. Throws TRANSPORT_PROTOCOL on a malformed one. */
   push(m: Buffer): Buffer {
-    const parts: Buffer[] = [];
-    this.pushTo(m, (b) => parts.push(Buffer.from(b)));
+    const parts: Buffer[] = []; // pieces not recycled are the caller's
+    this.pushTo(m, (b) => parts.push(b));
     return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
   }
 
