@@ -145,7 +145,7 @@ export class Session extends EventEmitter {
   private striper: Striper<Conn> | undefined;
   /** the first frame sent while the striper was on (the ones before are in no stripe) */
   private protectedFrom = 0n;
-  /** `closeStripe` was called with frames still queued: close it once they are written */
+  /** `closeStripe` was called: close the stripe once everything queued is written */
   private closeStripeWhenSent = false;
   private stripeTimer: NodeJS.Timeout | undefined;
   private readonly rebuilder = new Rebuilder();
@@ -207,10 +207,8 @@ export class Session extends EventEmitter {
    * pages), and a member lost in it is rebuilt as soon as the parity arrives, right behind it.
    */
   closeStripe(): void {
-    if (this.queues.some((q) => q.length)) {
-      this.closeStripeWhenSent = true;
-      this.pump();
-    } else this.flushStripe(true);
+    this.closeStripeWhenSent = true;
+    this.pump(); // writes what is queued, then closes it
   }
 
   private stripe(f: Frame, c: Conn): void {
