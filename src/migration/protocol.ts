@@ -142,7 +142,7 @@ export type Control =
   | { t: 'hashes'; rid: number; disk: number; groups: number[]; hashes: string }
   | { t: 'barrier-ok'; n: number; verified: number; mismatches: { disk: number; offset: number; length: number }[] }
   /** codec: the source offers its page-delta codec (ram-codec.ts) with a page cache of that size */
-  | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean }; params: Record<string, number>; codec?: { v: number; cacheBytes: number } }
+  | { t: 'ram-start'; rid: number; caps: { xbzrle: boolean; autoConverge: boolean; noVmdesc?: boolean }; params: Record<string, number>; codec?: { v: number; cacheBytes: number } }
   /** codec: the version the destination will decode (absent: the stream comes as QEMU wrote it) */
   | { t: 'ram-ready'; rid: number; codec?: number }
   | { t: 'final'; n: number }

@@ -265,7 +265,7 @@ export class SourceMigration {
       open: () => linkDown,
     };
     this.ramSrc = await listenForQemu(ramSock, session, gate);
-    const caps = { xbzrle: this.o.xbzrle, autoConverge: true };
+    const caps = { xbzrle: this.o.xbzrle, autoConverge: true, noVmdesc: true };
     const params = this.ramParams(this.decision!);
     await ramCapabilities(qmp, caps);
     await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': 2 ** Math.floor(Math.log2(Math.min(256, Math.max(16, spec.memoryMiB / 4)))) * 2 ** 20 } : {}) });
@@ -388,14 +388,19 @@ export class SourceMigration {
     // stream no later; two threads alongside delayed it 35–120 ms; wan-100: 2 ms after the
     // stream instead of 130). On a LAN they wait for the cores: the hash holds until they are
     // out (lan: 262 and 323 ms guest-seen, against 385 with a thread alongside). Then it runs
-    // on both threads.
+    // on both threads. Either way it holds until `migrate-continue` has gone: alongside the
+    // final disk round's QMP steps (disable the bitmap, add the exports) they took 8–20 ms
+    // instead of 4–6, and `migrate-continue` went 27–30 ms after the pause instead of 12–21
+    // (wan-10, 4 and 6 runs), the link idle meanwhile. FERRY_HASH_ALONGSIDE=N: N threads
+    // alongside, whatever the link (for comparisons).
     const ramFile = this.host.ramFile(spec);
     // Fault injection for the repair test: FERRY_FAULT=corrupt-ram changes 3 MiB of the paused
     // guest's free (zero) RAM behind QEMU's back, as its missed dirty tracking leaves pages.
     if (process.env.FERRY_FAULT === 'corrupt-ram' && fs.existsSync(ramFile)) scribbleFreeRam(ramFile, spec.memoryMiB * 2 ** 20, 3);
     // Cancelled when this scope ends: a job left holding would keep the hashing threads.
     using ramHash = fs.existsSync(ramFile) ? new RamHashJob(ramFile, allGroups(spec.memoryMiB * 2 ** 20)) : undefined;
-    ramHash?.width(this.linkRate > 0 && this.linkRate < HASH_ALONGSIDE_BELOW ? 1 : 0);
+    const alongside = process.env.FERRY_HASH_ALONGSIDE ? Number(process.env.FERRY_HASH_ALONGSIDE) : this.linkRate > 0 && this.linkRate < HASH_ALONGSIDE_BELOW ? 1 : 0;
+    ramHash?.width(0);
     this.phase('switchover');
     timings.journaledAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
@@ -410,6 +415,7 @@ export class SourceMigration {
     const outcome = this.peer.next((m): m is Extract<Control, { t: 'running' | 'failed' }> => m.t === 'running' || m.t === 'failed');
     await migrateContinue(qmp);
     timings.continuedAt = Date.now();
+    ramHash?.width(alongside);
     // The RAM stream is checked end to end: the destination compares it before it runs the VM.
     const ramSrc = this.ramSrc!;
     await Promise.race([ramSrc.ended, outcome]);

@@ -116,10 +116,18 @@ export async function queryMigrate(qmp: QmpClient): Promise<RamStatus> {
   };
 }
 
-/** Capabilities both sides set before the RAM stream starts (they must agree). */
-export async function ramCapabilities(qmp: QmpClient, o: { xbzrle: boolean; autoConverge: boolean }): Promise<void> {
+/**
+ * Capabilities both sides set before the RAM stream starts (they must agree). `noVmdesc`: the
+ * machine's `suppress-vmdesc`, set on both (a destination whose machine does not suppress it
+ * reads one more section after the stream's end). QEMU otherwise ends every stream with a JSON
+ * description of the device state for analysis tools (~100 KB raw here, ~5 KB compressed): the
+ * last bytes of a switchover, which the destination's QEMU waits for before it completes and
+ * nothing of Ferry's reads.
+ */
+export async function ramCapabilities(qmp: QmpClient, o: { xbzrle: boolean; autoConverge: boolean; noVmdesc?: boolean }): Promise<void> {
   const caps = ['pause-before-switchover', 'events', ...(o.xbzrle ? ['xbzrle'] : []), ...(o.autoConverge ? ['auto-converge'] : [])];
   await qmp.execute('migrate-set-capabilities', { capabilities: caps.map((capability) => ({ capability, state: true })) });
+  if (o.noVmdesc) await qmp.execute('qom-set', { path: '/machine', property: 'suppress-vmdesc', value: true });
 }
 
 export async function ramParameters(qmp: QmpClient, p: Record<string, number>): Promise<void> {

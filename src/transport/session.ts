@@ -95,6 +95,7 @@ class Conn {
 }
 
 const HIGH_WATER = 512 * 1024;
+const NEVER = (): boolean => false;
 /**
  * A connection that has received nothing (no ack, no pong) for this long gets no new frames:
  * when a link blackholes, connections die one by one, and frames moved onto the next silent
@@ -441,13 +442,35 @@ export class Session extends EventEmitter {
 
   private pick(): Conn | null {
     // With parity on, a connection already in the open stripe would close it early (a parity
-    // frame per two or three frames): prefer the others while any can take a frame.
+    // frame per two or three frames): prefer the others while any can take a frame. And a
+    // connection holding a frame that later ones overtook is recovering a lost segment (or is
+    // window-limited): a frame written to it now waits behind that, and two such members of
+    // one stripe are more than its parity can rebuild (wan-10 pauses: a stall of 30–136 ms
+    // in the RAM channel in nearly every run, while 1–2 of the 16 connections recover).
     const avoid = this.striper?.usedConns();
+    const stuck = this.stuckTest();
     if (avoid?.size) {
-      const c = this.pickFrom((c) => !avoid.has(c));
+      const c = this.pickFrom((c) => !avoid.has(c) && !stuck(c)) ?? this.pickFrom((c) => !avoid.has(c));
       if (c) return c;
     }
-    return this.pickFrom(() => true);
+    return (stuck !== NEVER ? this.pickFrom((c) => !stuck(c)) : null) ?? this.pickFrom(() => true);
+  }
+
+  /**
+   * While parity protects what is sent (a switchover): whether a connection's oldest frame in
+   * flight was written `margin` before the latest one acknowledged (on any connection) and is
+   * still unacknowledged. Otherwise no connection counts as stuck: in a bulk transfer queues
+   * are deep and frames overtake each other without loss.
+   */
+  private stuckTest(): (c: Conn) => boolean {
+    if (!this.striper || !this.ackedSentAt) return NEVER;
+    const before = this.ackedSentAt - Math.max(20, Math.max(this.stats.minRttMs, 1) / 4);
+    return (c) => {
+      const first = c.inflight.values().next();
+      if (first.done) return false;
+      const o = this.unacked.get(first.value);
+      return !!o && o.sentAt > 0 && o.sentAt < before;
+    };
   }
 
   private pickFrom(ok: (c: Conn) => boolean): Conn | null {
@@ -739,13 +762,22 @@ export class Session extends EventEmitter {
     return true;
   }
 
-  /** The least loaded live connection that `skip` does not exclude (for copies and parity). */
+  /**
+   * The least loaded live connection that `skip` does not exclude (for copies and parity), one
+   * not stuck (`stuckTest`) if there is one: a copy or parity behind a lost segment is no help.
+   */
   private spare(skip: (c: Conn) => boolean): Conn | null {
     const wall = Date.now(); // lastRx is wall-clock time (an old check compared it with performance.now())
+    const stuck = this.stuckTest();
     let to: Conn | null = null;
+    let toStuck = true;
     for (const c of this.conns) {
       if (skip(c) || wall - c.lastRx > SUSPECT_MS || c.sock.writableLength >= HIGH_WATER) continue;
-      if (!to || c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength) to = c;
+      const st = stuck(c);
+      if (!to || (toStuck && !st) || (st === toStuck && c.inflightBytes + c.sock.writableLength < to.inflightBytes + to.sock.writableLength)) {
+        to = c;
+        toStuck = st;
+      }
     }
     return to;
   }

@@ -2,13 +2,15 @@
 // rewrites 8 MiB of RAM is migrated to a file; a second QEMU loads that file; the guest RAM the
 // reader rebuilds from the page records it reports must equal, byte for byte, what QEMU's own
 // loader put into the second guest's memory. Fed in random cuts, as the transport delivers it.
-// The same stream through Ferry's RAM codec comes out byte for byte.
+// The same stream through Ferry's RAM codec comes out byte for byte. And without QEMU's JSON
+// device description at its end (`suppress-vmdesc` on both ends), a destination still completes.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { RamDecoder, RamEncoder } from '../../src/migration/ram-codec.js';
+import { migrateContinue, ramCapabilities } from '../../src/qemu/migration-ops.js';
 import { MigrationStreamReader } from '../../src/qemu/migration-stream.js';
 import { QmpClient } from '../../src/qemu/qmp.js';
 import { guestImage, sleep, waitFor } from './harness.js';
@@ -55,6 +57,7 @@ describe('QEMU migration stream reader', () => {
     qb.close();
 
     const s = fs.readFileSync(stream);
+    expect(s.includes('{"page_size"')).toBe(true); // QEMU's default: the device description (JSON) at the end
     const rebuilt = Buffer.alloc(loaded.length, 0x5a);
     const perBlock = new Map<string, number>();
     const r = new MigrationStreamReader({
@@ -89,5 +92,29 @@ describe('QEMU migration stream reader', () => {
     outs.push(dec.push(enc.end()));
     expect(Buffer.concat(outs).equals(s)).toBe(true);
     expect(enc.encodedBytes).toBeLessThan(s.length);
+  }, 300_000);
+
+  it('ends the stream without the device description when both ends suppress it, and the destination completes', async () => {
+    const stream = path.join(dir, 'stream-novmdesc');
+    const caps = { xbzrle: false, autoConverge: true, noVmdesc: true };
+    const a = qemu('c', []);
+    const qa = await QmpClient.connect(a.qmp);
+    await ramCapabilities(qa, caps); // as the source agent sets them (pause-before-switchover included)
+    await qa.execute('migrate', { uri: `exec:cat > ${stream}` });
+    await waitFor('the pause before the switchover', 120_000, async () => ((await qa.execute<{ status: string }>('query-migrate')).status === 'pre-switchover' ? true : undefined));
+    await migrateContinue(qa);
+    await waitFor('the migration to the file', 120_000, async () => ((await qa.execute<{ status: string }>('query-migrate')).status === 'completed' ? true : undefined));
+    qa.close();
+    const s = fs.readFileSync(stream);
+    expect(s.includes('{"page_size"')).toBe(false);
+    expect(s[s.length - 1]).toBe(0x00); // QEMU_VM_EOF is the last byte
+
+    const b = qemu('d', ['-S', '-incoming', 'defer']);
+    const qb = await QmpClient.connect(b.qmp);
+    await ramCapabilities(qb, caps); // as the destination agent sets them from `ram-start`
+    await qb.execute('migrate-incoming', { uri: `exec:cat ${stream}` });
+    await waitFor('the load', 120_000, async () => ((await qb.execute<{ status: string }>('query-migrate')).status === 'completed' ? true : undefined));
+    expect((await qb.execute<{ status: string }>('query-status')).status).toBe('paused');
+    qb.close();
   }, 300_000);
 });

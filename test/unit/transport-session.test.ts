@@ -180,6 +180,36 @@ describe('transport session', () => {
     client.protect(false);
   });
 
+  it('while parity is on, writes no new frame to a connection whose oldest frame later ones overtook', async () => {
+    const { client } = await pair({ streams: 4 });
+    await waitUntil(() => client.connections === 4);
+    // The state of a WAN pause, set by hand: every connection has a frame in flight; the first
+    // one's was written 100 ms before the latest frame acknowledged (its TCP connection is
+    // recovering a lost segment), and it is the least loaded by bytes.
+    type C = { inflight: Set<bigint>; inflightBytes: number };
+    const s = client as unknown as { conns: Set<C>; unacked: Map<bigint, { sentAt: number }>; ackedSentAt: number; pick(): C | null };
+    const conns = [...s.conns];
+    const now = performance.now();
+    conns.forEach((c, i) => {
+      const seq = 1000n + BigInt(i);
+      c.inflight.add(seq);
+      c.inflightBytes = i === 0 ? 100 : 10_000;
+      s.unacked.set(seq, { sentAt: i === 0 ? now - 150 : now - 5 } as never);
+    });
+    s.ackedSentAt = now - 50;
+    expect(s.pick()).toBe(conns[0]); // without parity (bulk): balanced on bytes alone
+    client.protect(true, 8, 60_000);
+    const picked = s.pick();
+    expect(picked).not.toBe(conns[0]);
+    expect(picked).not.toBeNull();
+    client.protect(false);
+    conns.forEach((c, i) => {
+      s.unacked.delete(1000n + BigInt(i));
+      c.inflight.clear();
+      c.inflightBytes = 0;
+    });
+  });
+
   it('still copies a frame sent before protection began, lost inside a live connection (it is in no stripe)', async () => {
     const { client, server } = await pair({ streams: 4 });
     const rx = collect(server);
