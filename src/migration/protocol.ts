@@ -38,7 +38,8 @@
 //   prepare    S→D `prepare`; D creates disks, starts QEMU -incoming defer, exports its disks
 //              on a local NBD socket; answers `prepared` {disks:[{id, base}]}
 //   disk       DISK records in rounds of dirty blocks; `verify` barrier → D answers group hashes
-//   ram        S→D `ram-start` {codec?}; D runs migrate-incoming and answers `ram-ready` {codec?};
+//   ram        S→D `ram-start` {caps, codec?}; D sets the same capabilities (caps.noVmdesc: QEMU's
+//              `suppress-vmdesc` on both), runs migrate-incoming and answers `ram-ready` {codec?};
 //              QEMU's stream flows on RAM (page-delta encoded if D accepted the codec,
 //              ram-codec.ts); disk rounds continue
 //   switchover QEMU paused at pre-switchover: S sends the final disk round + FINAL barrier, then
