@@ -464,13 +464,22 @@ export class Session extends EventEmitter {
    */
   private stuckTest(): (c: Conn) => boolean {
     if (!this.striper || !this.ackedSentAt) return NEVER;
-    const before = this.ackedSentAt - Math.max(20, Math.max(this.stats.minRttMs, 1) / 4);
+    const before = this.ackedSentAt - this.reorderMs();
     return (c) => {
       const first = c.inflight.values().next();
       if (first.done) return false;
       const o = this.unacked.get(first.value);
       return !!o && o.sentAt > 0 && o.sentAt < before;
     };
+  }
+
+  /**
+   * How much earlier than the latest acknowledged frame a frame must have been written for its
+   * missing acknowledgement to say it was overtaken (lost, or held in its connection), not
+   * merely reordered: a quarter of the minimum round trip, 20 ms at least.
+   */
+  private reorderMs(): number {
+    return Math.max(20, Math.max(this.stats.minRttMs, 1) / 4);
   }
 
   private pickFrom(ok: (c: Conn) => boolean): Conn | null {
@@ -705,7 +714,7 @@ export class Session extends EventEmitter {
     const now = performance.now();
     const rtt = Math.max(this.stats.minRttMs, 1);
     if (this.unackedBytes > Math.max(128 * 1024, (this.ackRate * rtt) / 1000)) return;
-    const margin = Math.max(20, rtt / 4);
+    const margin = this.reorderMs();
     const before = this.ackedSentAt - margin;
     // Lost only once it is later than the latest delivered frame's round trip (which counts the
     // queue it waited in) allows: with a deep queue, minimum-RTT timing copied frames in transit.
@@ -739,7 +748,7 @@ export class Session extends EventEmitter {
     if (this.unackedBytes > Math.max(64 * 1024, (rate * rtt) / 2000)) return;
     const now = performance.now();
     const due = Math.max(rtt * 1.5, this.rackRtt * 1.25) + 20 + (this.unackedBytes / rate) * 1000;
-    const near = Math.max(20, rtt / 4);
+    const near = this.reorderMs();
     for (const o of this.unacked.values()) {
       if (!o.conn || o.rescued || !o.sentAt || now - o.sentAt < due) continue;
       // Only next to frames that did arrive: in an outage nothing sent since it began is acked,
