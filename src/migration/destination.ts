@@ -496,6 +496,7 @@ export class DestinationMigration {
     this.ram?.close();
     this.ramDecoder = undefined;
     clearInterval(this.ramTrackTimer);
+    await this.receiver?.persist(3000); // the partial disks are a retry's cache
     for (const c of this.nbds) await c.close().catch(() => {});
     // Only what this migration created: its VM record exists from the start of Prepare.
     if (this.created) await this.host.discard(this.spec.name, cacheDirFor(this.host.dataDir, this.spec.uuid)).catch(() => {});

@@ -2,7 +2,8 @@
 // destination QEMU's writable NBD exports (Ferry's NBD client, pipelined), and at each barrier
 // flushes, reads every block written since the previous barrier back, and checks it against the
 // SHA-256 the source sent (zeroes for ZERO records): end-to-end verification of the write path.
-// It also answers `verify` requests with group hashes of its disks.
+// It also answers `verify` requests with group hashes of its disks. Between barriers it flushes
+// once a second, so a migration that ends early leaves disks holding what they were sent.
 import { FerryError } from '../errors.js';
 import type { NbdClient } from '../nbd/client.js';
 import { templateBase } from './base-hashes.js';
@@ -19,6 +20,14 @@ interface Written {
 
 const MAX_PENDING_WRITES = 64;
 /**
+ * Written blocks are flushed (QEMU writes its qcow2 metadata back and syncs) at least this often:
+ * until then a new cluster's mapping lives only in QEMU's memory, and a QEMU that ends without a
+ * flush (killed, crashed, its quit timed out) leaves an image without the blocks: an aborted
+ * migration's disks are the retry's cache, so they must hold what they were sent (CI: a retry
+ * sent 35 of 37 MB again).
+ */
+const FLUSH_EVERY_MS = 1000;
+/**
  * Fault injection for the verification tests: FERRY_FAULT=corrupt-final flips a byte of every
  * final-round block; corrupt-dirty-rounds of every block after round 0.
  */
@@ -32,6 +41,9 @@ export class DiskReceiver {
   private failed: Error | null = null;
   receivedBytes = 0;
   lastBarrier = 0;
+  private lastFlush = Date.now();
+  /** disks written since the last flush */
+  private unflushed = new Set<number>();
   /** blocks that failed a barrier's check and were not written again since */
   private unresolved: { disk: number; offset: number; length: number }[] = [];
   /** the result of the FINAL barrier (the guest is paused at the source) */
@@ -90,6 +102,30 @@ export class DiskReceiver {
     const c = this.disk(h.disk);
     await this.throttle(isZero(data) ? c.writeZeroes(h.offset, h.length) : c.write(h.offset, data));
     this.since.push({ disk: h.disk, offset: h.offset, length: h.length, hash: h.hash ?? null });
+    await this.written(h.disk);
+  }
+
+  /** Every FLUSH_EVERY_MS, a flush of each disk written since the last one, in the pipeline. */
+  private async written(disk: number): Promise<void> {
+    this.unflushed.add(disk);
+    if (Date.now() - this.lastFlush < FLUSH_EVERY_MS) return;
+    this.lastFlush = Date.now();
+    for (const i of this.unflushed) await this.throttle(this.disk(i).flush());
+    this.unflushed.clear();
+  }
+
+  /**
+   * An aborted migration: what was written becomes durable before QEMU goes (the disks stay as
+   * the retry's cache). Waits for the writes in flight, not for records still queued; at most `ms`.
+   */
+  async persist(ms: number): Promise<void> {
+    const work = (async () => {
+      await Promise.all(this.pending.splice(0));
+      for (const c of this.nbds) await c.flush();
+    })();
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([work.catch(() => {}), new Promise<void>((r) => (timer = setTimeout(r, ms)))]);
+    clearTimeout(timer);
   }
 
   /** A block written again resolves earlier mismatches it covers. */
@@ -102,6 +138,7 @@ export class DiskReceiver {
     this.receivedBytes += r.length;
     await this.throttle(this.disk(r.disk).writeZeroes(r.offset, r.length));
     this.since.push({ disk: r.disk, offset: r.offset, length: r.length, hash: null });
+    await this.written(r.disk);
   }
 
   /** Flush, read back, verify; answer `barrier-ok`. */
@@ -109,6 +146,8 @@ export class DiskReceiver {
     await Promise.all(this.pending.splice(0));
     if (this.failed) throw this.failed;
     for (const c of this.nbds) await c.flush();
+    this.unflushed.clear();
+    this.lastFlush = Date.now();
     const list = this.since;
     this.since = [];
     const mismatches: { disk: number; offset: number; length: number }[] = [];
