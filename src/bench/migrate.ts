@@ -265,7 +265,8 @@ export async function runFerry(
       }
       return v.endedAt ? v : undefined;
     }, { everyMs: 500, retryErrors: false });
-    const w = wire(await relayCommand(lab, { op: 'status' }));
+    const relayEnd = await relayCommand<RelayStatus>(lab, { op: 'status' });
+    const w = wire(relayEnd);
     (result as RunResult & { view?: MigrationView }).view = view;
     if (view.phase !== 'done') throw new Error(view.error ? `[${view.error.code}] ${view.error.message}` : `ended in phase ${view.phase}`);
     await o.afterMigration?.(view, spec);
@@ -281,6 +282,7 @@ export async function runFerry(
     say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames (${view.wire.resentFrames} after a lost connection, ${rescued} copies of frames presumed lost: ${view.wire.probedFrames ?? 0} at a burst's tail, ${view.wire.doubledFrames ?? 0} urgent control messages sent twice); in the pause ${view.wire.parityFrames ?? 0} parity frames (${((view.wire.parityBytes ?? 0) / 1024).toFixed(1)} KiB), ${view.result!.switchover?.destFramesRebuilt ?? 0} frames rebuilt from them`);
     const sw = view.result!.switchover ?? {};
     say(`  switchover timeline (ms after the pause): ${JSON.stringify(sw)}; the source guest's last heartbeat came ${sw.pausedAtEpoch! - (view.atSwitchover?.lastHeartbeatAt ?? 0)} ms before the pause`);
+    say(`  ${relayLateness(relayEnd, sw.pausedAtEpoch, sw.destRunningMs)}`);
     await measureAfter(result, { dst, h1, h2, spec, image, s, srcFinal: view.final!, atSwitchover: view.atSwitchover, say, contAtEpoch: sw.destContAtEpoch });
   } catch (e) {
     result.ok = false;
@@ -323,4 +325,16 @@ export async function benchMigrate(s: Scenario, o: { variants: string[]; ferry: 
     }
   }
   return report;
+}
+
+/**
+ * The lab's own faithfulness: packets its relay sent late (it shares the cores with both lab
+ * hosts), over the run and in the switchover's pause.
+ */
+function relayLateness(st: RelayStatus, pausedAt?: number, runningMs?: number): string {
+  const l = st.late;
+  if (!l) return 'relay: no lateness figures';
+  const inPause = pausedAt === undefined ? [] : l.recent.filter((x) => x.at >= pausedAt && x.at <= pausedAt + (runningMs ?? 1000));
+  const max = (xs: { ms: number }[]) => Math.max(0, ...xs.map((x) => x.ms));
+  return `relay: ${l.packets} packets sent > 2 ms after their time (worst ${l.maxMs.toFixed(1)} ms); in the pause ${inPause.length} (worst ${max(inPause).toFixed(1)} ms${inPause.length ? `, at ${inPause.map((x) => `${x.at - pausedAt!}+${x.ms}`).join(' ')}` : ''})`;
 }

@@ -47,7 +47,18 @@ export interface RelayStatus {
   scheduledCuts: { at: number; seconds: number; flap: boolean }[];
   forgottenFlows: number;
   directions: Record<string, { params: LinkParams; counters: DirectionCounters; backlogBytes: number }>;
+  /**
+   * Packets the relay sent later than the link model said (its event loop waited for a core):
+   * how many, the worst, and the latest of them (epoch ms, ms late). A faithful link has none;
+   * the benchmark reports those in the switchover's pause.
+   */
+  late: { packets: number; maxMs: number; recent: { at: number; ms: number }[] };
 }
+
+/** a packet sent this much after its time counts as late */
+const LATE_MS = 2;
+/** late packets remembered (for the benchmark's pause window) */
+const LATE_KEPT = 512;
 
 interface Pending {
   at: number;
@@ -132,6 +143,7 @@ export class Relay {
   private control: net.Server | undefined;
   private readonly startedAt = Date.now();
   private readonly t0 = performance.now();
+  private late: RelayStatus['late'] = { packets: 0, maxMs: 0, recent: [] };
 
   constructor(private readonly cfg: RelayConfig) {
     for (const h of cfg.hosts) {
@@ -240,8 +252,17 @@ export class Relay {
     while ((p = this.schedule.peek()) && p.at <= now + early(p)) {
       this.schedule.pop();
       this.sock.send(p.buf, VXLAN_PORT, p.to.underlayIp);
+      if (now - p.at > LATE_MS) this.noteLate(now - p.at);
     }
     this.arm();
+  }
+
+  private noteLate(ms: number): void {
+    const l = this.late;
+    l.packets++;
+    l.maxMs = Math.max(l.maxMs, ms);
+    if (l.recent.length >= LATE_KEPT) l.recent.shift();
+    l.recent.push({ at: Math.round(Date.now() - ms), ms: Math.round(ms * 10) / 10 });
   }
 
   status(): RelayStatus {
@@ -256,6 +277,7 @@ export class Relay {
       scheduledCuts: this.scheduledCuts,
       forgottenFlows: this.deadFlows.size,
       directions,
+      late: this.late,
     };
   }
 
@@ -304,6 +326,7 @@ export class Relay {
       }
       case 'reset':
         for (const d of this.dirs.values()) Object.assign(d.counters, { packets: 0, bytes: 0, deliveredPackets: 0, deliveredBytes: 0, dropped: { queue: 0, loss: 0, outage: 0, flow: 0 } });
+        this.late = { packets: 0, maxMs: 0, recent: [] };
         return this.status();
       default:
         throw new Error(`unknown op ${String(cmd.op)}`);

@@ -226,8 +226,9 @@ export class DestinationMigration {
       if (!this.chain) throw new FerryError('TRANSPORT_PROTOCOL', 'migration: files without a snapshot chain at begin');
       const rx = this.fileReceiver();
       if (m.t === 'files') {
-        const have = new Set(await rx.have(this.chain.files));
-        await this.peer.reply(m, { t: 'files-want', names: this.chain.files.filter((f) => !have.has(f.name)).map((f) => f.name) });
+        const held = await rx.have(this.chain.files);
+        const whole = new Set(held.whole);
+        await this.peer.reply(m, { t: 'files-want', names: this.chain.files.filter((f) => !whole.has(f.name)).map((f) => f.name), ...(held.partial.length ? { partial: held.partial } : {}) });
       } else {
         await rx.complete(this.chain.files);
         await this.peer.reply(m, { t: 'files-ok' });

@@ -32,9 +32,11 @@
 //                    └───────────┴────────────────────┴──► aborted (QEMU killed, disks cached)
 //
 //   begin      S→D `begin` {spec, chain?, …}; D answers `begin-ok` {problems[]} — every refusal at once
-//   (files)    only for a VM with snapshots: S→D `files` {files}; D answers `files-want` {names}
-//              (those not already in its migration cache); S sends them on FILE, then `files-done`;
-//              D answers `files-ok` once each arrived whole with its SHA-256
+//   (files)    only for a VM with snapshots: S→D `files` {files}; D answers `files-want` {names,
+//              partial?} (those not already in its migration cache; `partial`: a file a previous
+//              attempt cut short, {name, bytes, sha256} of the prefix it holds); S sends them on
+//              FILE — from the prefix's end when its own prefix hashes the same — then
+//              `files-done`; D answers `files-ok` once each arrived whole with its SHA-256
 //   prepare    S→D `prepare`; D creates disks, starts QEMU -incoming defer, exports its disks
 //              on a local NBD socket; answers `prepared` {disks:[{id, base}]}
 //   disk       DISK records in rounds of dirty blocks; `verify` barrier → D answers group hashes
@@ -130,10 +132,17 @@ export interface VerifyRequest {
 }
 
 /** Control messages. `rid` pairs a request with its reply. */
+/** The first `bytes` of a file a previous attempt cut short, as the destination holds them. */
+export interface FilePrefix {
+  name: string;
+  bytes: number;
+  sha256: string;
+}
+
 export type Control =
   | { t: 'begin'; rid: number; id: string; spec: VmSpec; from: string; qemuVersion: string; machine: string; chain?: ChainManifest }
   | { t: 'files'; rid: number; files: ChainFile[] }
-  | { t: 'files-want'; rid: number; names: string[] }
+  | { t: 'files-want'; rid: number; names: string[]; partial?: FilePrefix[] }
   | { t: 'files-done'; rid: number }
   | { t: 'files-ok'; rid: number }
   | { t: 'begin-ok'; rid: number; problems: string[] }

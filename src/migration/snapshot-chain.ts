@@ -6,10 +6,12 @@
 // same chain beneath them (disk-source.ts round 0, `base: 'template'`). Whole-disk verification at
 // the switchover reads through the chain, so it checks the copied images too.
 //
-// On the wire (channel FILE): per file, one JSON message {name, size}, then its bytes as messages
-// of ≤ 64 KiB (bare, so the transport's zero elision and dedup against the destination's template
-// chunks see them). Control: `files` {files} → `files-want` {names} (what the destination lacks:
-// a previous attempt's copies stay in its migration cache), then `files-done` → `files-ok` once
+// On the wire (channel FILE): per file, one JSON message {name, size, from?}, then its bytes from
+// `from` (default 0) as messages of ≤ 64 KiB (bare, so the transport's zero elision and dedup
+// against the destination's template chunks see them). Control: `files` {files} → `files-want`
+// {names, partial?} (what the destination lacks: a previous attempt's whole files stay in its
+// migration cache, and a file it cut short stays as `name.part`, offered as a prefix the source
+// resumes after when its own first bytes hash the same), then `files-done` → `files-ok` once
 // every file arrived with its SHA-256. The destination rewrites each image's backing path to its
 // own directory (`qemu-img rebase -u`) and records the tree in its database with the VM.
 import crypto from 'node:crypto';
@@ -19,7 +21,7 @@ import { FerryError } from '../errors.js';
 import type { SnapshotRow } from '../state/db.js';
 import * as qcow2 from '../storage/qcow2.js';
 import type { Session } from '../transport/session.js';
-import { CH } from './protocol.js';
+import { CH, type FilePrefix } from './protocol.js';
 
 /** What an image reads through: another file of the chain, a template (same path on both hosts), or nothing. */
 export type ChainBacking = { kind: 'file'; name: string } | { kind: 'template'; path: string } | { kind: 'none' };
@@ -52,15 +54,19 @@ async function backingOf(file: string, dir: string): Promise<ChainBacking> {
   return path.dirname(abs) === dir ? { kind: 'file', name: path.basename(abs) } : { kind: 'template', path: abs };
 }
 
-function sha256File(file: string): Promise<string> {
+/** SHA-256 of a file's first `bytes` (all of it by default), not yet digested (it may go on). */
+function hashFile(file: string, bytes?: number): Promise<crypto.Hash> {
   return new Promise((resolve, reject) => {
     const h = crypto.createHash('sha256');
-    fs.createReadStream(file)
+    if (bytes === 0) return resolve(h);
+    fs.createReadStream(file, bytes === undefined ? {} : { start: 0, end: bytes - 1 })
       .on('data', (d) => h.update(d))
       .on('error', reject)
-      .on('end', () => resolve(h.digest('hex')));
+      .on('end', () => resolve(h));
   });
 }
+
+const sha256File = async (file: string, bytes?: number) => (await hashFile(file, bytes)).digest('hex');
 
 /** Source: the manifest of a VM's snapshot tree (undefined when it has none). */
 export async function buildManifest(dir: string, rows: SnapshotRow[], current: string | null, topFiles: string[]): Promise<ChainManifest | undefined> {
@@ -95,13 +101,34 @@ export function chainProblems(m: ChainManifest): string[] {
   return [...new Set(out)];
 }
 
-/** Source: sends the listed files of `dir` on the FILE channel; `progress` gets bytes sent. */
-export async function sendFiles(session: Session, dir: string, files: ChainFile[], progress: (bytes: number) => void): Promise<void> {
+/** A file to send, from byte `from` (the end of the prefix the destination holds; 0: all of it). */
+export interface FileSend {
+  file: ChainFile;
+  from: number;
+}
+
+/**
+ * Source: what to send of the files the destination wants — a file it holds the first bytes of
+ * (a previous attempt cut it short) goes on from there if those bytes hash the same here.
+ */
+export async function planFiles(dir: string, files: ChainFile[], partial: FilePrefix[] = []): Promise<FileSend[]> {
+  const held = new Map(partial.map((p) => [p.name, p]));
+  const out: FileSend[] = [];
   for (const f of files) {
-    await session.send(CH.FILE, Buffer.from(JSON.stringify({ name: f.name, size: f.size })));
+    const p = held.get(f.name);
+    const ok = p !== undefined && Number.isSafeInteger(p.bytes) && p.bytes > 0 && p.bytes < f.size && (await sha256File(path.join(dir, f.name), p.bytes)) === p.sha256;
+    out.push({ file: f, from: ok ? p.bytes : 0 });
+  }
+  return out;
+}
+
+/** Source: sends the planned files of `dir` on the FILE channel; `progress` gets bytes sent. */
+export async function sendFiles(session: Session, dir: string, plan: FileSend[], progress: (bytes: number) => void): Promise<void> {
+  for (const { file: f, from } of plan) {
+    await session.send(CH.FILE, Buffer.from(JSON.stringify({ name: f.name, size: f.size, ...(from ? { from } : {}) })));
     const fd = fs.openSync(path.join(dir, f.name), 'r');
     try {
-      for (let off = 0; off < f.size; off += PIECE) {
+      for (let off = from; off < f.size; off += PIECE) {
         const b = Buffer.alloc(Math.min(PIECE, f.size - off));
         fs.readSync(fd, b, 0, b.length, off);
         await session.send(CH.FILE, b);
@@ -113,36 +140,63 @@ export async function sendFiles(session: Session, dir: string, files: ChainFile[
   }
 }
 
-/** Destination: writes the FILE channel's files into `dir` (`name.part`, renamed when whole). */
+/**
+ * Destination: writes the FILE channel's files into `dir` (`name.part`, renamed when whole; a
+ * `.part` a migration cut short stays, and the next attempt resumes it).
+ */
 export class FileReceiver {
   private cur: { name: string; size: number; got: number; fd: number; hash: crypto.Hash } | undefined;
   private readonly done = new Map<string, { size: number; sha256: string }>();
+  /** the `.part` prefixes offered by `have`, their hash ready to go on */
+  private readonly prefixes = new Map<string, { bytes: number; hash: crypto.Hash }>();
   private waiters: (() => void)[] = [];
   error: Error | undefined;
 
   constructor(private readonly dir: string) {}
 
-  /** Files already in `dir` with the manifest's size and SHA-256 (a previous attempt's). */
-  async have(files: ChainFile[]): Promise<string[]> {
-    const out: string[] = [];
+  /**
+   * What `dir` holds of the files (a previous attempt's): those whole with the manifest's size
+   * and SHA-256, and the prefixes of those it cut short.
+   */
+  async have(files: ChainFile[]): Promise<{ whole: string[]; partial: FilePrefix[] }> {
+    const whole: string[] = [];
+    const partial: FilePrefix[] = [];
     for (const f of files) {
       const p = path.join(this.dir, f.name);
       if (fs.existsSync(p) && fs.statSync(p).size === f.size && (await sha256File(p)) === f.sha256) {
         this.done.set(f.name, { size: f.size, sha256: f.sha256 });
-        out.push(f.name);
+        whole.push(f.name);
+        continue;
+      }
+      const part = `${p}.part`;
+      const bytes = fs.existsSync(part) ? fs.statSync(part).size : 0;
+      if (bytes > 0 && bytes < f.size) {
+        const hash = await hashFile(part, bytes);
+        this.prefixes.set(f.name, { bytes, hash });
+        partial.push({ name: f.name, bytes, sha256: hash.copy().digest('hex') });
       }
     }
-    return out;
+    return { whole, partial };
   }
 
   message(b: Buffer): void {
     if (this.error) return;
     try {
       if (!this.cur) {
-        const h = JSON.parse(b.toString()) as { name?: unknown; size?: unknown };
-        if (typeof h.name !== 'string' || !FILE_NAME.test(h.name) || typeof h.size !== 'number' || !Number.isSafeInteger(h.size) || h.size < 0) throw new FerryError('TRANSPORT_PROTOCOL', 'migration: malformed file header');
+        const h = JSON.parse(b.toString()) as { name?: unknown; size?: unknown; from?: unknown };
+        const from = h.from ?? 0;
+        if (typeof h.name !== 'string' || !FILE_NAME.test(h.name) || typeof h.size !== 'number' || !Number.isSafeInteger(h.size) || h.size < 0 || typeof from !== 'number' || !Number.isSafeInteger(from) || from < 0 || from > h.size) throw new FerryError('TRANSPORT_PROTOCOL', 'migration: malformed file header');
         fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
-        this.cur = { name: h.name, size: h.size, got: 0, fd: fs.openSync(path.join(this.dir, `${h.name}.part`), 'w'), hash: crypto.createHash('sha256') };
+        const part = path.join(this.dir, `${h.name}.part`);
+        const pre = this.prefixes.get(h.name);
+        this.prefixes.delete(h.name);
+        if (from > 0) {
+          // Resumed: on after the prefix `have` offered (and hashed), whatever the file grew since.
+          if (!pre || pre.bytes !== from) throw new FerryError('TRANSPORT_PROTOCOL', `migration: file ${h.name} resumes at byte ${from}, which this host did not offer`);
+          const fd = fs.openSync(part, 'r+');
+          fs.ftruncateSync(fd, from);
+          this.cur = { name: h.name, size: h.size, got: from, fd, hash: pre.hash };
+        } else this.cur = { name: h.name, size: h.size, got: 0, fd: fs.openSync(part, 'w'), hash: crypto.createHash('sha256') };
       } else {
         const c = this.cur;
         if (c.got + b.length > c.size) throw new FerryError('TRANSPORT_PROTOCOL', `migration: file ${c.name} longer than announced`);
@@ -178,11 +232,11 @@ export class FileReceiver {
     }
   }
 
-  /** Stops receiving: a file cut short is removed; whole ones stay (a retry's cache). */
+  /** Stops receiving: whole files stay (a retry's cache), and so does one cut short (resumed). */
   close(): void {
     if (this.cur) {
       fs.closeSync(this.cur.fd);
-      fs.rmSync(path.join(this.dir, `${this.cur.name}.part`), { force: true });
+      if (this.cur.got === 0) fs.rmSync(path.join(this.dir, `${this.cur.name}.part`), { force: true });
     }
     this.cur = undefined;
     this.error ??= new Error('closed');

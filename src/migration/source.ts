@@ -32,7 +32,7 @@ import { allGroups, RAM_HASH, RamHashJob, warmUp } from './ram-hash.js';
 import { readGroup, scribbleFreeRam } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
 import { listenForQemu, STREAM_HASH, type RamSource } from './ram-pipe.js';
-import { sendFiles, type ChainManifest } from './snapshot-chain.js';
+import { planFiles, sendFiles, type ChainManifest } from './snapshot-chain.js';
 import { startProfile } from '../util/profile.js';
 
 /**
@@ -461,10 +461,12 @@ export class SourceMigration {
   private async sendChain(spec: VmSpec, chain: ChainManifest): Promise<void> {
     const want = await this.peer!.request<Extract<Control, { t: 'files-want' }>>({ t: 'files', files: chain.files }, 120_000);
     const files = chain.files.filter((f) => want.names.includes(f.name));
-    const total = files.reduce((a, f) => a + f.size, 0);
+    const plan = await planFiles(this.host.vmDir(spec), files, want.partial);
+    const total = plan.reduce((a, p) => a + p.file.size - p.from, 0);
+    const resumed = plan.filter((p) => p.from > 0).length;
     const view = (this.view.files = { done: 0, total, snapshots: chain.snapshots.length });
-    this.view.note = `copying the files of ${chain.snapshots.length} snapshot(s) (${chain.files.length - files.length} of ${chain.files.length} already at the destination)`;
-    await sendFiles(this.session!, this.host.vmDir(spec), files, (n) => {
+    this.view.note = `copying the files of ${chain.snapshots.length} snapshot(s) (${chain.files.length - files.length} of ${chain.files.length} already at the destination${resumed ? `, ${resumed} resumed where a previous attempt stopped` : ''})`;
+    await sendFiles(this.session!, this.host.vmDir(spec), plan, (n) => {
       view.done += n;
       this.check();
     });

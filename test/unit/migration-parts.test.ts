@@ -351,14 +351,14 @@ describe('snapshot files (snapshot-chain)', () => {
     const rx = new chain.FileReceiver(cache);
     const session = { send: async (_ch: number, b: Buffer) => rx.message(b) } as unknown as import('../../src/transport/session.js').Session;
     let sent = 0;
-    await chain.sendFiles(session, src, m.files, (n) => (sent += n));
+    await chain.sendFiles(session, src, m.files.map((file) => ({ file, from: 0 })), (n) => (sent += n));
     expect(sent).toBe(m.files.reduce((a, f) => a + f.size, 0));
     await rx.complete(m.files);
     // A retry finds them in the cache; a file that changed is not taken.
-    expect(await new chain.FileReceiver(cache).have(m.files)).toEqual(['vdb.qcow2', 'state-s1-aaaaaa.bin']);
-    expect(await new chain.FileReceiver(cache).have([{ ...m.files[1]!, sha256: '0'.repeat(64) }])).toEqual([]);
+    expect(await new chain.FileReceiver(cache).have(m.files)).toEqual({ whole: ['vdb.qcow2', 'state-s1-aaaaaa.bin'], partial: [] });
+    expect(await new chain.FileReceiver(cache).have([{ ...m.files[1]!, sha256: '0'.repeat(64) }])).toEqual({ whole: [], partial: [] });
     const bad = new chain.FileReceiver(path.join(root, 'bad'));
-    await chain.sendFiles({ send: async (_c: number, b: Buffer) => bad.message(b.length > 1000 ? Buffer.from(b).fill(1, 0, 1) : b) } as unknown as typeof session, src, m.files.slice(1), () => {});
+    await chain.sendFiles({ send: async (_c: number, b: Buffer) => bad.message(b.length > 1000 ? Buffer.from(b).fill(1, 0, 1) : b) } as unknown as typeof session, src, [{ file: m.files[1]!, from: 0 }], () => {});
     await expect(bad.complete(m.files.slice(1))).rejects.toMatchObject({ code: 'VERIFY_FAILED' });
     const junk = new chain.FileReceiver(path.join(root, 'junk'));
     junk.message(Buffer.from('{"name":"../etc/passwd","size":1}'));
@@ -370,6 +370,52 @@ describe('snapshot files (snapshot-chain)', () => {
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', chain.backingPath(m.tops[0], dst)!, path.join(dst, 'top.qcow2')]);
     const read = execFileSync('qemu-io', ['-c', 'read -P 7 0 64k', path.join(dst, 'top.qcow2')], { encoding: 'utf8' });
     expect(read).toMatch(/read 65536\/65536/);
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+
+  it('resumes a file a previous attempt cut short after the prefix the destination holds; a prefix that differs goes whole', async () => {
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const chain = await import('../../src/migration/snapshot-chain.js');
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-chain-'));
+    const [src, cache] = ['src', 'cache'].map((d) => path.join(root, d));
+    for (const d of [src, cache]) fs.mkdirSync(d);
+    const data = crypto.randomBytes(300_000);
+    fs.writeFileSync(path.join(src, 'state-s1-bbbbbb.bin'), data);
+    const file = { name: 'state-s1-bbbbbb.bin', size: data.length, sha256: crypto.createHash('sha256').update(data).digest('hex'), image: false };
+    const over = (rx: InstanceType<typeof chain.FileReceiver>) => ({ send: async (_c: number, b: Buffer) => rx.message(b) }) as unknown as import('../../src/transport/session.js').Session;
+    // The first attempt: the header and two 64 KiB pieces, then the migration stops.
+    const first = new chain.FileReceiver(cache);
+    first.message(Buffer.from(JSON.stringify({ name: file.name, size: file.size })));
+    first.message(data.subarray(0, 65536));
+    first.message(data.subarray(65536, 131072));
+    first.close();
+    // The retry: the destination offers the prefix, the source checks it and sends the rest.
+    const rx = new chain.FileReceiver(cache);
+    const held = await rx.have([file]);
+    expect(held.whole).toEqual([]);
+    expect(held.partial).toEqual([{ name: file.name, bytes: 131072, sha256: crypto.createHash('sha256').update(data.subarray(0, 131072)).digest('hex') }]);
+    const plan = await chain.planFiles(src, [file], held.partial);
+    expect(plan).toEqual([{ file, from: 131072 }]);
+    let sent = 0;
+    await chain.sendFiles(over(rx), src, plan, (n) => (sent += n));
+    expect(sent).toBe(data.length - 131072);
+    await rx.complete([file]);
+    expect(fs.readFileSync(path.join(cache, file.name)).equals(data)).toBe(true);
+    // A prefix that is not the source's (a changed file, a torn write): the file goes whole.
+    fs.rmSync(path.join(cache, file.name));
+    fs.writeFileSync(path.join(cache, `${file.name}.part`), Buffer.alloc(70_000, 9));
+    const rx2 = new chain.FileReceiver(cache);
+    const plan2 = await chain.planFiles(src, [file], (await rx2.have([file])).partial);
+    expect(plan2).toEqual([{ file, from: 0 }]);
+    await chain.sendFiles(over(rx2), src, plan2, () => {});
+    await rx2.complete([file]);
+    expect(fs.readFileSync(path.join(cache, file.name)).equals(data)).toBe(true);
+    // A resume the destination did not offer is a protocol error, not a file with a hole.
+    const rx3 = new chain.FileReceiver(path.join(root, 'other'));
+    rx3.message(Buffer.from(JSON.stringify({ name: file.name, size: file.size, from: 65536 })));
+    await expect(rx3.complete([file])).rejects.toMatchObject({ code: 'MIGRATION_FAILED', cause: { code: 'TRANSPORT_PROTOCOL' } });
     fs.rmSync(root, { recursive: true, force: true });
   });
 });
