@@ -14,6 +14,7 @@
 import dgram from 'node:dgram';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import { LinkDirection, seedFor, type DirectionCounters, type LinkParams } from './link.js';
 
 export const VXLAN_PORT = 4789;
@@ -54,6 +55,16 @@ export interface RelayStatus {
    */
   late: { packets: number; maxMs: number; recent: { at: number; ms: number }[] };
 }
+
+/**
+ * The relay's scheduling priority (nice) while every direction's one-way delay is ≥ 1 ms: the
+ * emulated link must not wait for a core the lab's hosts (QEMU under TCG, the agents) keep busy
+ * — a real WAN does not. Measured on wan-10 at nice 0: packets went out up to 12.6 ms late in a
+ * migration's pause. Sub-millisecond links (lan) keep nice 0: there the relay spins between
+ * packets (`arm`), and at a higher priority that would take a core from the hosts.
+ * FERRY_RELAY_NICE=N sets it instead (0: as the hosts).
+ */
+const WAN_NICE = process.env.FERRY_RELAY_NICE !== undefined ? Number(process.env.FERRY_RELAY_NICE) : -10;
 
 /** a packet sent this much after its time counts as late */
 const LATE_MS = 2;
@@ -151,6 +162,17 @@ export class Relay {
       this.byMac.set(macBytes(h.mac).toString('hex'), h);
     }
     for (const a of cfg.hosts) for (const b of cfg.hosts) if (a !== b) this.dirs.set(`${a.index}>${b.index}`, new LinkDirection({ ...cfg.link }, seedFor(cfg.seed, `${a.index}>${b.index}`)));
+    this.prioritize();
+  }
+
+  /** WAN_NICE while no direction is sub-millisecond, else nice 0 (this thread: the event loop). */
+  private prioritize(): void {
+    const wan = [...this.dirs.values()].every((d) => d.params.delayMs >= 1);
+    try {
+      os.setPriority(wan ? WAN_NICE : 0);
+    } catch {
+      /* not root: the lab needs root anyway; the link is then only less faithful */
+    }
   }
 
   /** ms on a monotonic clock; Date.now() only for what operators read. */
@@ -313,6 +335,7 @@ export class Relay {
           if (!d) throw new Error(`no direction ${k} (have ${[...this.dirs.keys()].join(', ')})`);
           d.params = { ...d.params, ...(cmd.params as Partial<LinkParams>) };
         }
+        this.prioritize();
         return this.status();
       }
       case 'cut': {

@@ -20,7 +20,7 @@ import { DiskReceiver } from './disk-dest.js';
 import type { DestPhase, Journal } from './journal.js';
 import { Peer } from './peer.js';
 import { CH, type Control, type PreparedDisk } from './protocol.js';
-import { hashRam, RAM_GROUP, RAM_HASH, warmUp } from './ram-hash.js';
+import { hashRam, RAM_GROUP, RAM_HASH, releaseRam, warmUp } from './ram-hash.js';
 import { differingGroups, rehashInto, writeGroup } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamDecoder } from './ram-codec.js';
 import { connectToQemu, STREAM_HASH, type RamSink } from './ram-pipe.js';
@@ -457,6 +457,7 @@ export class DestinationMigration {
       this.profile.stop('destination');
       this.host.activate(this.spec.name, this.from);
       await this.peer.send({ t: 'running', at, timings: t }, { urgent: true });
+      releaseRam(this.host.ramFile(this.spec)); // checked: nothing hashes guest RAM here any more
       if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', timings: t, decodeMs: Math.round(this.decodeMsAfterFinal), ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);
       // Our NBD clients and server go after the guest runs: nothing writes through them now.
       for (const c of this.nbds) await c.close();
@@ -499,6 +500,8 @@ export class DestinationMigration {
     clearInterval(this.ramTrackTimer);
     await this.receiver?.persist(3000); // the partial disks are a retry's cache
     for (const c of this.nbds) await c.close().catch(() => {});
+    await this.ramTrack?.stop().catch(() => {});
+    releaseRam(this.host.ramFile(this.spec));
     // Only what this migration created: its VM record exists from the start of Prepare.
     if (this.created) await this.host.discard(this.spec.name, cacheDirFor(this.host.dataDir, this.spec.uuid)).catch(() => {});
     host_forget(this.host, this.id);

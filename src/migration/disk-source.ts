@@ -97,7 +97,7 @@ export class DiskSender {
 
   /** Removes every trace (bitmaps, exports, NBD server). Safe to call twice. */
   async cleanup(): Promise<void> {
-    for (const d of this.disks) for (const id of [`fm-${d.node}`, `ff-${d.node}`]) await exportDel(this.qmp, id);
+    for (const d of this.disks) for (const id of [`fm-${d.node}`, `ff-${d.node}`, `fv-${d.node}`]) await exportDel(this.qmp, id);
     await nbdServerStop(this.qmp);
     // Every bitmap of this migration: a round the switchover interrupted leaves its own behind.
     const mine = bitmapPrefix(this.migId);
@@ -106,14 +106,19 @@ export class DiskSender {
     this.bitmap = '';
   }
 
-  private async open(d: SourceDisk, contexts: string[], bitmaps?: string[]): Promise<NbdClient> {
-    await exportAdd(this.qmp, { id: `fm-${d.node}`, node: d.node, name: d.node, writable: false, allocationDepth: true, ...(bitmaps ? { bitmaps } : {}) });
-    return NbdClient.connect({ path: this.nbdSocket }, d.node, contexts);
+  /**
+   * A read-only export of `d` and a connection to it. The whole-disk comparison has exports of
+   * its own (`verify`): it may run alongside the RAM phase's dirty rounds.
+   */
+  private async open(d: SourceDisk, contexts: string[], verify = false): Promise<NbdClient> {
+    const name = verify ? `${d.node}-verify` : d.node;
+    await exportAdd(this.qmp, { id: `${verify ? 'fv' : 'fm'}-${d.node}`, node: d.node, name, writable: false, allocationDepth: true });
+    return NbdClient.connect({ path: this.nbdSocket }, name, contexts);
   }
 
-  private async close(d: SourceDisk, c: NbdClient): Promise<void> {
+  private async close(d: SourceDisk, c: NbdClient, verify = false): Promise<void> {
     await c.close();
-    await exportDel(this.qmp, `fm-${d.node}`);
+    await exportDel(this.qmp, `${verify ? 'fv' : 'fm'}-${d.node}`);
   }
 
   /** Round 0: what each destination disk lacks. Disks whose base is 'cached' are diffed by hash. */
@@ -322,7 +327,7 @@ export class DiskSender {
     const remote = this.peer.request<Extract<Control, { t: 'hashes' }>>({ t: 'verify', req: { disk: d.index, chunk: CHUNK, group, ...(pick ? { groups: pick } : {}) } });
     remote.catch(() => {}); // awaited below; a local failure first must not leave it unhandled
     const t0 = Date.now();
-    const c = await this.open(d, ['base:allocation', 'qemu:allocation-depth']);
+    const c = await this.open(d, ['base:allocation', 'qemu:allocation-depth'], true);
     let mine: Buffer[];
     let base: Awaited<ReturnType<typeof templateBase>>;
     try {
@@ -330,7 +335,7 @@ export class DiskSender {
       base = await templateBase(c, d.backing, CHUNK, group);
       mine = await groupHashes(c, d.size, all, zero, CHUNK, group, base);
     } finally {
-      await this.close(d, c);
+      await this.close(d, c, true);
     }
     base?.cache.save();
     const t1 = Date.now();

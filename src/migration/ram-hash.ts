@@ -7,11 +7,18 @@
 // neighbour (Atomics). Measured on wan-10 before this: one message per 8 MiB batch left the
 // threads idle while the agent's event loop was busy in the pause.
 //
-// The hash is XXH128 (hash-wasm), not SHA-256: the destination's hashing is part of the pause,
-// and XXH128 runs 5.3 GiB/s per thread here against SHA-256's 1.3 (measured, 1 MiB buffers). It
-// guards against QEMU and transport faults between two trusted agents on an authenticated link,
-// not against an adversary, and 128 bits make an accidental match of a differing MiB negligible.
+// The hash is XXH128 (XXH3, 128 bits), not SHA-256: the destination's hashing is part of the
+// pause, and XXH128 runs 5.3 GiB/s per thread here in WebAssembly against SHA-256's 1.3 (measured,
+// 1 MiB buffers). It guards against QEMU and transport faults between two trusted agents on an
+// authenticated link, not against an adversary, and 128 bits make an accidental match of a
+// differing MiB negligible.
+//
+// Where Ferry's addon built (native/ramhash.c), the RAM file is mapped once (`mapFor`, kept until
+// `releaseRam`) and each group is checked and hashed where it lies: 13–15 ms per 256 MiB of a core
+// once its pages are mapped, against ~95 ms for read(2) into a buffer and hash-wasm (half of that
+// the copy). Both give the same hash; FERRY_NATIVE=0 uses the second (for comparisons).
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { createXXHash128, type IHasher } from 'hash-wasm';
@@ -45,9 +52,71 @@ function digest(b: Buffer): Buffer {
   return Buffer.from(hasher!.digest('binary'));
 }
 
+/** The addon's calls (native/ramhash.c). */
+interface NativeHasher {
+  map(fd: number, length: number): number;
+  unmap(id: number): void;
+  hashGroup(id: number, offset: number, length: number, out: Uint8Array, outOffset: number): boolean;
+}
+let native: NativeHasher | null | undefined;
+
+/** The addon, loaded once per thread; null where it is missing (not built) or FERRY_NATIVE=0. */
+export function nativeHasher(): NativeHasher | null {
+  if (native === undefined) {
+    try {
+      native = process.env.FERRY_NATIVE === '0' ? null : (createRequire(import.meta.url)('ferry-native') as NativeHasher);
+    } catch {
+      native = null;
+    }
+  }
+  return native;
+}
+
+/** Guest RAM files mapped for hashing (main thread), by path; a file replaced since is mapped again. */
+const maps = new Map<string, { id: number; ino: number; size: number }>();
+
+/** The mapping of `file` for the addon (made on first use), or undefined without the addon. */
+function mapFor(file: string): number | undefined {
+  const n = nativeHasher();
+  if (!n) return undefined;
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(file);
+  } catch {
+    return undefined;
+  }
+  const have = maps.get(file);
+  if (have && have.ino === st.ino && have.size === st.size) return have.id;
+  releaseRam(file);
+  if (st.size <= 0) return undefined;
+  const fd = fs.openSync(file, 'r');
+  try {
+    const id = n.map(fd, st.size);
+    maps.set(file, { id, ino: st.ino, size: st.size });
+    return id;
+  } catch {
+    return undefined;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Unmaps a guest RAM file mapped for hashing: a migration's end on either side (the mapping
+ * would keep the pages of a deleted file). A hash job still running in it fails.
+ */
+export function releaseRam(file: string): void {
+  const have = maps.get(file);
+  if (!have) return;
+  maps.delete(file);
+  nativeHasher()?.unmap(have.id);
+}
+
 /** One job's work as each thread sees it (all buffers shared). */
 export interface HashTask {
   file: string;
+  /** the addon's mapping of `file`, when the main thread has one */
+  map?: number;
   groups: readonly number[];
   control: Int32Array;
   /** the hash of groups[i] at i × RAM_HASH_BYTES */
@@ -61,8 +130,9 @@ export interface HashTask {
  */
 export function runTask(t: HashTask, slot: number, budget = Infinity): 'done' | 'more' {
   if (!hasher) throw new Error('hashReady() was not awaited');
-  const buf = Buffer.alloc(RAM_GROUP);
-  const fd = fs.openSync(t.file, 'r');
+  const nat = t.map !== undefined ? nativeHasher() : null;
+  const buf = nat ? undefined : Buffer.alloc(RAM_GROUP);
+  const fd = nat ? -1 : fs.openSync(t.file, 'r');
   try {
     for (let n = 0; ; n++) {
       let w: number;
@@ -78,15 +148,22 @@ export function runTask(t: HashTask, slot: number, budget = Infinity): 'done' | 
         Atomics.notify(t.control, WIDTH); // a thread held over the width has nothing left to wait for
         return 'done';
       }
-      const got = fs.readSync(fd, buf, 0, RAM_GROUP, t.groups[i]! * RAM_GROUP);
-      const b = buf.subarray(0, got);
+      if (nat) {
+        if (nat.hashGroup(t.map!, t.groups[i]! * RAM_GROUP, RAM_GROUP, t.out, i * RAM_HASH_BYTES)) {
+          Atomics.add(t.control, ZEROS, 1);
+          zeroHash!.copy(t.out, i * RAM_HASH_BYTES);
+        }
+        continue;
+      }
+      const got = fs.readSync(fd, buf!, 0, RAM_GROUP, t.groups[i]! * RAM_GROUP);
+      const b = buf!.subarray(0, got);
       // Much of a guest's RAM is zero: memcmp is faster still.
       const zero = got === RAM_GROUP && b.equals(ZERO);
       if (zero) Atomics.add(t.control, ZEROS, 1);
       (zero ? zeroHash! : digest(b)).copy(t.out, i * RAM_HASH_BYTES);
     }
   } finally {
-    fs.closeSync(fd);
+    if (fd >= 0) fs.closeSync(fd);
   }
 }
 
@@ -142,7 +219,8 @@ export class RamHashJob {
   constructor(file: string, groups: readonly number[]) {
     const control = new Int32Array(new SharedArrayBuffer(3 * 4));
     const out = new Uint8Array(new SharedArrayBuffer(Math.max(1, groups.length * RAM_HASH_BYTES)));
-    this.task = { file, groups: [...groups], control, out };
+    const map = groups.length ? mapFor(file) : undefined;
+    this.task = { file, groups: [...groups], control, out, ...(map !== undefined ? { map } : {}) };
     const ws = groups.length ? workers() : [];
     const ran = !groups.length ? [] : ws.length ? ws.map((w, slot) => this.post(w, slot)) : [this.inThisThread()];
     this.done = Promise.all(ran).then(() => {
@@ -192,6 +270,18 @@ export class RamHashJob {
     await hashReady();
     while (runTask(this.task, 0, 4) === 'more') await new Promise((r) => setTimeout(r, Atomics.load(this.task.control, WIDTH) > 0 ? 0 : 5));
   }
+}
+
+/**
+ * Maps guest RAM for the addon ahead of need and has its pages mapped once (one thread hashes it
+ * all, ~35 ms per 256 MiB here): a switchover's hash then runs at its warm speed. Cancel the
+ * returned job if the pause comes first. Undefined without the addon (nothing to prepare).
+ */
+export function prepareRam(file: string, bytes: number): RamHashJob | undefined {
+  if (!nativeHasher() || !fs.existsSync(file)) return undefined;
+  const job = new RamHashJob(file, allGroups(bytes));
+  job.width(1);
+  return job;
 }
 
 /** The hashes of the listed groups, concatenated in their order (on the pool's threads). */

@@ -112,6 +112,13 @@ export class RamTracker {
     return this.busy;
   }
 
+  /** The migration ended here: no further hashing (the job in progress stops after its group). */
+  async stop(): Promise<void> {
+    this.closed = true;
+    this.job?.cancel();
+    await this.busy;
+  }
+
   /** QEMU has loaded the whole stream: every group's hash, hashing only the stale ones. */
   async final(): Promise<{ hashes: Buffer; stats: RamTrackStats }> {
     this.closed = true;

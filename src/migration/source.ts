@@ -28,7 +28,7 @@ import { DiskSender, type DiskStats, type SourceDisk } from './disk-source.js';
 import type { Journal, SourcePhase } from './journal.js';
 import { Peer } from './peer.js';
 import { type Control, type PreparedDisk } from './protocol.js';
-import { allGroups, RAM_HASH, RamHashJob, warmUp } from './ram-hash.js';
+import { allGroups, prepareRam, RAM_HASH, RamHashJob, releaseRam, warmUp } from './ram-hash.js';
 import { readGroup, scribbleFreeRam } from './ram-verify.js';
 import { RAM_CODEC_VERSION, RamEncoder } from './ram-codec.js';
 import { listenForQemu, STREAM_HASH, type RamSource } from './ram-pipe.js';
@@ -109,6 +109,8 @@ export interface MigrationView {
 const PAUSE_STRIPE = 8;
 /** Between two disk rounds of the RAM phase (each costs QEMU ~5 QMP commands and the destination a flush). */
 const RAM_DISK_GAP_MS = 50;
+/** The whole-disk comparison runs beside the RAM copy when QEMU's first pass is expected to take longer (s). */
+const VERIFY_ALONGSIDE_SEC = 20;
 /** Below this link rate (bytes/s; 240 Mbit/s) the source hashes guest RAM alongside QEMU's last pages. */
 const HASH_ALONGSIDE_BELOW = 30e6;
 
@@ -175,6 +177,7 @@ export class SourceMigration {
       this.view.endedAt = Date.now();
       this.ramSrc?.close();
       this.ramEncoder = undefined; // its page cache is as large as guest RAM: the view outlives it
+      releaseRam(this.host.ramFile(spec)); // the addon's mapping for the RAM check (ram-hash.ts)
       this.session?.close(this.view.phase === 'done' ? 'migration done' : 'migration ended');
       this.host.release(this.vmName);
     }
@@ -230,19 +233,34 @@ export class SourceMigration {
     this.mark('round0-done');
     this.check();
     let verified = false;
+    // The whole-disk comparison, when it runs alongside the RAM copy (settles once it is done).
+    let verifying: Promise<void> | undefined;
+    let verifyError: Error | undefined;
+    const verify = async () => {
+      this.mark('verify');
+      const v = await sender.verify(this.o.verify === 'sample' ? 0.05 : undefined);
+      this.mark('verified');
+      this.view.marks['verify.hashMs'] = sender.verifyTimings.hashMs;
+      this.view.marks['verify.waitMs'] = sender.verifyTimings.waitMs;
+      this.view.verify = { mode: this.o.verify, ...v };
+      verified = true;
+    };
     for (;;) {
       await sender.dirtyRound(() => this.sample());
       this.check();
       const d = await this.control(qmp);
       await this.applyThrottle(qmp, spec, d.ioThrottleBps);
       if (!verified && d.startRam) {
-        this.mark('verify');
-        const v = await sender.verify(this.o.verify === 'sample' ? 0.05 : undefined);
-        this.mark('verified');
-        this.view.marks['verify.hashMs'] = sender.verifyTimings.hashMs;
-        this.view.marks['verify.waitMs'] = sender.verifyTimings.waitMs;
-        this.view.verify = { mode: this.o.verify, ...v };
-        verified = true;
+        // Both ends hash their whole disks (seconds), the link idle meanwhile. Where QEMU's copy
+        // of RAM will take far longer, the RAM phase starts now and the comparison runs beside
+        // it; what it finds goes with the next dirty round, and QEMU may not pause the guest
+        // before it is done (its downtime limit stays 0; were it to pause anyway, the final round
+        // would wait for the comparison).
+        if (this.verifyAlongsideRam(spec)) {
+          verifying = verify().catch((e: Error) => void (verifyError = e));
+          break;
+        }
+        await verify();
         continue;
       }
       if (verified && d.startRam && sender.pendingExtra() === 0) break;
@@ -266,7 +284,7 @@ export class SourceMigration {
     };
     this.ramSrc = await listenForQemu(ramSock, session, gate);
     const caps = { xbzrle: this.o.xbzrle, autoConverge: true, noVmdesc: true };
-    const params = this.ramParams(this.decision!);
+    const params = { ...this.ramParams(this.decision!), ...(verified ? {} : { 'downtime-limit': 0 }) };
     await ramCapabilities(qmp, caps);
     await ramParameters(qmp, { ...params, 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, ...(this.o.xbzrle ? { 'xbzrle-cache-size': 2 ** Math.floor(Math.log2(Math.min(256, Math.max(16, spec.memoryMiB / 4)))) * 2 ** 20 } : {}) });
     // Ferry's page-delta codec (ram-codec.ts): a page cache as large as guest RAM, up to 1 GiB,
@@ -275,6 +293,8 @@ export class SourceMigration {
     const ready = await this.peer.request<Extract<Control, { t: 'ram-ready' }>>({ t: 'ram-start', caps, params: {}, ...(codec ? { codec } : {}) }, 60_000);
     if (codec && ready.codec === codec.v) this.ramSrc.encodeWith((this.ramEncoder = new RamEncoder(codec.cacheBytes)));
     warmUp(); // the RAM check at the switchover must not wait for its threads to start
+    // …nor for the pages of its mapping of guest RAM (ram-hash.ts, with the addon).
+    const ramPrepared = prepareRam(this.host.ramFile(spec), spec.memoryMiB * 2 ** 20);
     await migrateTo(qmp, ramSock);
     const ramT0 = Date.now();
     let stopDisk = false;
@@ -343,7 +363,8 @@ export class SourceMigration {
           const d = await this.control(qmp, (Date.now() - ramT0) / 1000, { queueBytes: gate.target(), linkDown });
           if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, link: Math.round(this.linkRate), limit: d.downtimeLimitMs, predicted: d.predictedDowntimeMs })}\n`);
           if (pausedAt) break;
-          await ramParameters(qmp, { 'downtime-limit': d.downtimeLimitMs, 'throttle-trigger-threshold': d.throttleTrigger });
+          if (verifyError) throw verifyError;
+          await ramParameters(qmp, { 'downtime-limit': verified ? d.downtimeLimitMs : 0, 'throttle-trigger-threshold': d.throttleTrigger });
           if (pausedAt) break;
           await this.applyThrottle(qmp, spec, d.ioThrottleBps);
         }
@@ -359,6 +380,7 @@ export class SourceMigration {
 
     // ── Switchover (the guest is paused by QEMU) ──
     if (!pausedAt) pausedAt = Date.now();
+    ramPrepared?.cancel(); // long done, unless the pause came within its first milliseconds
     stopDisk = true;
     const timings: Record<string, number> = { pausedAt, detectedAt: Date.now() };
     profile.mark('detected');
@@ -405,6 +427,8 @@ export class SourceMigration {
     timings.journaledAt = Date.now();
     this.view.atSwitchover = this.host.guestStats(this.vmName);
     await diskLoop;
+    await verifying; // long done, unless QEMU paused the guest before the comparison ended
+    if (verifyError) throw verifyError;
     timings.diskLoopDoneAt = Date.now();
     const { barrier: finalN, sent: finalBytes } = await sender.dirtyRound(() => {}, true);
     timings.finalReadAt = Date.now();
@@ -473,6 +497,17 @@ export class SourceMigration {
     await this.peer!.request({ t: 'files-done' }, this.o.timeoutSec * 1000);
     this.view.note = `${chain.snapshots.length} snapshot(s) copied: ${Math.round(total / 2 ** 20)} MiB`;
     this.check();
+  }
+
+  /**
+   * Whether the whole-disk comparison runs beside the RAM copy rather than before it: when
+   * QEMU's first pass alone (a quarter of guest RAM on the wire, at the measured link rate) takes
+   * over VERIFY_ALONGSIDE_SEC. FERRY_VERIFY_ALONGSIDE=0|1 decides instead (for comparisons).
+   */
+  private verifyAlongsideRam(spec: VmSpec): boolean {
+    const env = process.env.FERRY_VERIFY_ALONGSIDE;
+    if (env === '0' || env === '1') return env === '1';
+    return this.linkRate > 0 && (spec.memoryMiB * 2 ** 20) / 4 / this.linkRate > VERIFY_ALONGSIDE_SEC;
   }
 
   private ramParams(d: ConvergeDecision): Record<string, number> {

@@ -268,6 +268,46 @@ describe('guest RAM check', () => {
     await expect(cancelled.done).rejects.toThrow(/cancelled/);
     fs.rmSync(dir, { recursive: true, force: true });
   });
+
+  it('the addon hashes guest RAM where it lies, to the same hashes as read(2) and WebAssembly; a replaced file is mapped again', async () => {
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { hashReady, nativeHasher, RamHashJob, releaseRam, runTask, RAM_GROUP } = await import('../../src/migration/ram-hash.js');
+    // Built by `npm ci` (native/): a missing addon is a failed install here, not a fallback.
+    const nat = nativeHasher();
+    expect(nat).not.toBeNull();
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ram-'));
+    const a = path.join(dir, 'a.ram');
+    const mem = Buffer.alloc(6 * RAM_GROUP + 8192); // zero groups, data groups, a short zero tail
+    crypto.randomFillSync(mem, 1 * RAM_GROUP, 2 * RAM_GROUP);
+    mem[4 * RAM_GROUP + RAM_GROUP - 1] = 1; // one byte at a group's very end
+    fs.writeFileSync(a, mem);
+    const groups = Array.from({ length: 8 }, (_, g) => g); // the last one lies past the end
+    // The JavaScript path: no mapping in the task.
+    await hashReady();
+    const plain = new Uint8Array(groups.length * 16);
+    expect(runTask({ file: a, groups, control: Int32Array.from([2, 0, 0]), out: plain }, 0)).toBe('done');
+    const job = new RamHashJob(a, groups);
+    job.width(2);
+    expect(Buffer.from(await job.done).equals(Buffer.from(plain))).toBe(true);
+    expect(job.zeroGroups).toBe(3); // 0, 3 and 5; the short tail and the group past the end are hashed
+    // The file replaced under the same name (a new VM's RAM): mapped again, not the old pages.
+    releaseRam(a);
+    const stale = new RamHashJob(a, [1]);
+    stale.width(1);
+    const before = await stale.done;
+    fs.rmSync(a);
+    fs.writeFileSync(a, Buffer.alloc(mem.length, 7));
+    const fresh = new RamHashJob(a, [1]);
+    fresh.width(1);
+    expect((await fresh.done).equals(before)).toBe(false);
+    releaseRam(a);
+    // Bad calls throw, they do not crash the process.
+    expect(() => nat!.hashGroup(999, 0, 1, new Uint8Array(16), 0)).toThrow(/no such mapping/);
+    expect(() => nat!.hashGroup(0, 0, 1, new Uint8Array(8), 0)).toThrow(/16 bytes/);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
 });
 
 describe('progress line', () => {
