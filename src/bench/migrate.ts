@@ -279,7 +279,7 @@ export async function runFerry(
     // of frames presumed lost (transport/session.ts `rescue`, `probeTail`, `copies: 2`).
     const rescued = view.wire.rescuedFrames ?? 0;
     result.resentPct = view.wire.framesSent ? (100 * (view.wire.resentFrames + rescued)) / view.wire.framesSent : 0;
-    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames (${view.wire.resentFrames} after a lost connection, ${rescued} copies of frames presumed lost: ${view.wire.probedFrames ?? 0} at a burst's tail, ${view.wire.doubledFrames ?? 0} urgent control messages sent twice); in the pause ${view.wire.parityFrames ?? 0} parity frames (${((view.wire.parityBytes ?? 0) / 1024).toFixed(1)} KiB), ${view.result!.switchover?.destFramesRebuilt ?? 0} frames rebuilt from them`);
+    say(`  switchover pause as the source saw it: ${view.result!.pausedMs} ms; re-sent ${result.resentPct.toFixed(2)} % of frames (${view.wire.resentFrames} after a lost connection, ${rescued} copies of frames presumed lost: ${view.wire.probedFrames ?? 0} at a burst's tail, ${view.wire.doubledFrames ?? 0} urgent control messages sent twice); from QEMU's first pass to the end ${view.wire.parityFrames ?? 0} parity frames (${((view.wire.parityBytes ?? 0) / 1024).toFixed(1)} KiB), ${view.result!.switchover?.destFramesRebuilt ?? 0} frames rebuilt from them`);
     const sw = view.result!.switchover ?? {};
     say(`  switchover timeline (ms after the pause): ${JSON.stringify(sw)}; the source guest's last heartbeat came ${sw.pausedAtEpoch! - (view.atSwitchover?.lastHeartbeatAt ?? 0)} ms before the pause`);
     say(`  ${relayLateness(relayEnd, sw.pausedAtEpoch, sw.destRunningMs)}`);

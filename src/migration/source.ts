@@ -106,7 +106,10 @@ export interface MigrationView {
 }
 
 /** Members of a parity stripe in the pause (transport/parity.ts) */
-const PAUSE_STRIPE = 8;
+const PAUSE_STRIPE = Number(process.env.FERRY_PAUSE_STRIPE) || 8;
+/** parity stripes between QEMU's first pass and the pause (see the RAM loop) */
+const PRE_STRIPE = 4;
+const PRE_STRIPE_HOLD_MS = 20;
 /** Between two disk rounds of the RAM phase (each costs QEMU ~5 QMP commands and the destination a flush). */
 const RAM_DISK_GAP_MS = 50;
 /** The whole-disk comparison runs beside the RAM copy when QEMU's first pass is expected to take longer (s). */
@@ -278,6 +281,7 @@ export class SourceMigration {
     const session = this.session;
     let linkDown = false;
     let firstPass = true;
+    let earlyParity = false;
     const gate = {
       target: () => queueTarget({ drainBytesPerSec: Math.max(this.linkRate, session.drainRate()), rttMs: session.stats.minRttMs || 50, window: session.window(), firstPass }),
       open: () => linkDown,
@@ -340,6 +344,15 @@ export class SourceMigration {
         firstPass = st.dirtySyncCount < 2;
         if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, sync: st.dirtySyncCount, rem: st.remaining, mbps: Math.round(st.mbps), exp: st.expectedDowntimeMs, thr: st.cpuThrottle, dirty: st.dirtyPagesRate, q: session.unackedPayload + this.ramSrc.backlog(), drain: Math.round(session.drainRate()) })}\n`);
         if (!firstPass) this.mark('ram-first-pass-done');
+        // After the first pass QEMU resends what the guest dirtied: little on the wire (the link
+        // is mostly idle), and the switchover can follow any iteration. A frame of it lost in
+        // flight when QEMU pauses holds the pause's first pages for a round trip and the reorder
+        // margin (~125 ms on wan-10) unless parity rebuilds it: so parity from here, in short
+        // stripes (PRE_STRIPE members, PRE_STRIPE_HOLD_MS), which costs only idle link.
+        if (!firstPass && !earlyParity && process.env.FERRY_PARITY !== '0' && process.env.FERRY_PARITY_EARLY !== '0') {
+          earlyParity = true;
+          session.protect(true, PRE_STRIPE, PRE_STRIPE_HOLD_MS);
+        }
         if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `QEMU's RAM migration ${st.status}: ${st.error ?? ''}`);
         this.check();
         // The link is down when nothing was acknowledged for a second: trickle first, then spool.

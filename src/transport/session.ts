@@ -190,16 +190,19 @@ export class Session extends EventEmitter {
    * by a lost segment costs the receiver no round trip. About 1/k more bytes: for the few
    * moments where a round trip costs more than bytes (a migration's switchover). No-op unless
    * the peer said it rebuilds frames, or with fewer than 3 connections. A stripe closes at `k`
-   * members or `holdMs` after its first, whichever comes first (or on `closeStripe`).
+   * members or `holdMs` after its first, whichever comes first (or on `closeStripe`). Called
+   * again while on, it changes `k` and `holdMs`: the open stripe's parity goes first.
    */
   protect(on: boolean, k = 15, holdMs = STRIPE_HOLD_MS): void {
-    if (!on) {
+    if (!on || this.striper) {
       this.flushStripe(true);
-      this.striper = undefined;
-      return;
+      if (!on) {
+        this.striper = undefined;
+        return;
+      }
     }
-    if (!this.peerParity || this.striper || this.conns.size < 3) return;
-    this.protectedFrom = this.nextSeq;
+    if (!this.peerParity || this.conns.size < 3) return;
+    if (!this.striper) this.protectedFrom = this.nextSeq;
     this.striper = new Striper<Conn>(Math.max(2, k), holdMs);
   }
 

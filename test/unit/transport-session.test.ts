@@ -180,6 +180,27 @@ describe('transport session', () => {
     client.protect(false);
   });
 
+  it('changes the stripe while protection stays on: the open stripe parity goes first, frames since are still covered', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    const rx = collect(server);
+    await waitUntil(() => client.connections === 4);
+    client.protect(true, 3, 60_000); // as between QEMU's first pass and the pause
+    await client.send(3, message(0));
+    expect(client.stats.parityFrames).toBe(0);
+    client.protect(true, 8, 60_000); // the pause: the open stripe (one member) closes now
+    expect(client.stats.parityFrames).toBe(1);
+    const dropped = swallowOne(client);
+    let i = 1;
+    while (!dropped()) await client.send(3, message(i++));
+    await client.send(3, message(i++));
+    client.closeStripe();
+    await waitUntil(() => rx.msgs.length === i, 3000);
+    expect(server.stats.framesRebuilt).toBeGreaterThanOrEqual(1);
+    expect(client.stats.framesRescued).toBe(0);
+    rx.msgs.forEach((m, i) => expect(m.equals(message(i))).toBe(true));
+    client.protect(false);
+  });
+
   it('while parity is on, writes no new frame to a connection whose oldest frame later ones overtook', async () => {
     const { client } = await pair({ streams: 4 });
     await waitUntil(() => client.connections === 4);
