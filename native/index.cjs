@@ -1,3 +1,3 @@
 // Why this file exists: loads the addon node-gyp built (build/Release), for `import` from ESM
-// through createRequire; src/migration/ram-hash.ts is its one user.
+// through createRequire; its users are src/migration/ram-hash.ts and src/transport/tcp-info.ts.
 module.exports = require('./build/Release/ferry_native.node');

@@ -172,8 +172,12 @@ static napi_value hash_group(napi_env env, napi_callback_info info) {
   return r;
 }
 
+napi_value ferry_tcp_info(napi_env env, napi_callback_info info); /* tcpinfo.c */
+
 NAPI_MODULE_INIT() {
   napi_value fn;
+  napi_create_function(env, "tcpInfo", NAPI_AUTO_LENGTH, ferry_tcp_info, NULL, &fn);
+  napi_set_named_property(env, exports, "tcpInfo", fn);
   napi_create_function(env, "map", NAPI_AUTO_LENGTH, map_file, NULL, &fn);
   napi_set_named_property(env, exports, "map", fn);
   napi_create_function(env, "unmap", NAPI_AUTO_LENGTH, unmap_file, NULL, &fn);

@@ -281,6 +281,7 @@ export class DestinationMigration {
 
   private async ramStart(m: Extract<Control, { t: 'ram-start' }>): Promise<void> {
     this.profile = startProfile(); // FERRY_PROFILE=DIR: the main thread's CPU, stopped once the VM runs here
+    if (DEBUG) this.peer.session.trace = [];
     try {
       const qmp = this.inst!.qmp;
       await ramCapabilities(qmp, m.caps);
@@ -458,7 +459,7 @@ export class DestinationMigration {
       this.host.activate(this.spec.name, this.from);
       await this.peer.send({ t: 'running', at, timings: t }, { urgent: true });
       releaseRam(this.host.ramFile(this.spec)); // checked: nothing hashes guest RAM here any more
-      if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', timings: t, decodeMs: Math.round(this.decodeMsAfterFinal), ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);
+      if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'destination', trace: this.peer.session.trace?.filter((e) => (e[1] as number) > t.finalAt! - 500), timings: t, decodeMs: Math.round(this.decodeMsAfterFinal), ramAfterFinal: this.ramAfterFinal, track: this.ramTrackStats })}\n`);
       // Our NBD clients and server go after the guest runs: nothing writes through them now.
       for (const c of this.nbds) await c.close();
       await nbdServerStop(qmp);

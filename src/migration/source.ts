@@ -344,6 +344,7 @@ export class SourceMigration {
         firstPass = st.dirtySyncCount < 2;
         if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, sync: st.dirtySyncCount, rem: st.remaining, mbps: Math.round(st.mbps), exp: st.expectedDowntimeMs, thr: st.cpuThrottle, dirty: st.dirtyPagesRate, q: session.unackedPayload + this.ramSrc.backlog(), drain: Math.round(session.drainRate()) })}\n`);
         if (!firstPass) this.mark('ram-first-pass-done');
+        if (!firstPass && DEBUG && !session.trace) session.trace = [];
         // After the first pass QEMU resends what the guest dirtied: little on the wire (the link
         // is mostly idle), and the switchover can follow any iteration. A frame of it lost in
         // flight when QEMU pauses holds the pause's first pages for a round trip and the reorder
@@ -472,7 +473,7 @@ export class SourceMigration {
     profile.stop('source');
     session.protect(false);
     clearInterval(sampler);
-    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', diskStepAtPause, cpu: this.ramSrc!.cpuSincePause(), pause: samples })}\n`);
+    if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ side: 'source', diskStepAtPause, cpu: this.ramSrc!.cpuSincePause(), pause: samples, pausedAt, trace: session.trace?.filter((e) => (e[1] as number) > pausedAt - 400) })}\n`);
     if (answer.t === 'failed') throw new FerryError('MIGRATION_FAILED', `destination could not take over: ${answer.reason}`);
 
     // ── Confirm ──

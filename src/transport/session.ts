@@ -13,6 +13,7 @@ import { Decoder, encode, FrameType, MAX_PAYLOAD, PRIORITY, type Frame } from '.
 import { decodeParity, encodeParity, Rebuilder, Striper } from './parity.js';
 import { ContentCache, expand, reduce, type ReduceOptions } from './reduce.js';
 import { TokenBucket } from './limiter.js';
+import { tcpRecovering } from './tcp-info.js';
 
 export interface SessionOptions {
   windowBytes: number;
@@ -80,9 +81,13 @@ interface Outgoing {
   rescued: boolean;
   /** sent on two connections at once (`send`'s `copies: 2`) */
   twice?: boolean;
+  /** performance.now() when the parity of its stripe was written (parity on) */
+  parityAt?: number;
 }
 
+let connIds = 0;
 class Conn {
+  readonly id = ++connIds;
   readonly decoder = new Decoder();
   readonly inflight = new Set<bigint>();
   /** bytes sent on this connection and not yet acknowledged: what striping balances */
@@ -239,6 +244,11 @@ export class Session extends EventEmitter {
     const to = this.spare((c) => members.has(c));
     if (!to) return;
     const payload = encodeParity(frames);
+    const at = performance.now();
+    for (const f of frames) {
+      const o = this.unacked.get(f.seq);
+      if (o) o.parityAt = at;
+    }
     this.stats.parityFrames++;
     this.stats.parityBytes += payload.length;
     this.write(to, { type: FrameType.PARITY, channel: 0, flags: 0, seq: 0n, ack: this.received, payload });
@@ -437,8 +447,16 @@ export class Session extends EventEmitter {
     this.resumeTimer.unref();
   }
 
+  /** debugging (FERRY_DEBUG_MIGRATE): [kind, epoch ms, seq, conn, bytes] of frames written (w), parity (p), received (r), rebuilt (b) */
+  trace: (string | number)[][] | undefined;
+  private tr(kind: string, seq: bigint, c: Conn | null, n: number): void {
+    this.trace?.push([kind, Math.round((performance.timeOrigin + performance.now()) * 10) / 10, Number(seq), c?.id ?? 0, n]);
+  }
+
   private write(c: Conn, f: Frame): boolean {
     const b = encode(f);
+    if (this.trace && f.type === FrameType.DATA) this.tr('w', f.seq, c, b.length);
+    if (this.trace && f.type === FrameType.PARITY) this.tr('p', f.payload.length > 10 ? f.payload.readBigUInt64BE(2) : 0n, c, b.length);
     this.stats.wireBytesSent += b.length;
     return c.sock.write(b);
   }
@@ -460,15 +478,18 @@ export class Session extends EventEmitter {
   }
 
   /**
-   * While parity protects what is sent (a switchover): whether a connection's oldest frame in
-   * flight was written `margin` before the latest one acknowledged (on any connection) and is
-   * still unacknowledged. Otherwise no connection counts as stuck: in a bulk transfer queues
+   * While parity protects what is sent (a switchover): whether a connection's TCP is recovering
+   * a lost segment (the kernel says so), or its oldest frame in flight was written `margin`
+   * before the latest one acknowledged (on any connection) and is still unacknowledged. Otherwise no connection counts as stuck: in a bulk transfer queues
    * are deep and frames overtake each other without loss.
    */
   private stuckTest(): (c: Conn) => boolean {
-    if (!this.striper || !this.ackedSentAt) return NEVER;
-    const before = this.ackedSentAt - this.reorderMs();
+    if (!this.striper) return NEVER;
+    const before = this.ackedSentAt ? this.ackedSentAt - this.reorderMs() : 0;
     return (c) => {
+      // The kernel knows first (tcp-info.ts): acknowledgements stop saying so once the frames
+      // in flight on a stalled connection were rebuilt from parity at the other end.
+      if (tcpRecovering(c.sock)) return true;
       const first = c.inflight.values().next();
       if (first.done) return false;
       const o = this.unacked.get(first.value);
@@ -537,6 +558,7 @@ export class Session extends EventEmitter {
       o.sentOnce = true;
       o.sentAt = performance.now();
       o.rescued = false;
+      o.parityAt = undefined;
       this.stats.framesSent++;
       this.write(c, { ...o.frame, ack: this.received });
       if (o.twice) this.copy(o, 'urgent');
@@ -556,6 +578,7 @@ export class Session extends EventEmitter {
       this.onAck(f.ack);
       switch (f.type) {
         case FrameType.DATA:
+          if (this.trace) this.tr('r', f.seq, c, f.payload.length);
           this.onDataFrame(f);
           break;
         case FrameType.PING:
@@ -582,7 +605,9 @@ export class Session extends EventEmitter {
           this.emit('have', f.payload.length / 32);
           break;
         case FrameType.PARITY:
+          if (this.trace) this.tr('q', 0n, c, f.payload.length);
           for (const r of this.rebuilder.offer(decodeParity(f.payload), (s) => this.has(s))) {
+            if (this.trace) this.tr('b', r.seq, c, r.payload.length);
             this.stats.framesRebuilt++;
             this.onDataFrame(r);
           }
@@ -624,6 +649,7 @@ export class Session extends EventEmitter {
           return;
         }
         this.stats.messagesReceived++;
+        if (this.trace) this.tr('d', m.seq, null, m.channel);
         // The handler may hold this thread for milliseconds (a migration's RAM decoder): what
         // arrived is acknowledged first, or the sender, seeing no acknowledgement, takes frames
         // in flight for lost and copies them (99 copies in one wan-10 pause, ~30 KB of link).
@@ -632,6 +658,7 @@ export class Session extends EventEmitter {
       }
       // The frame may complete a stripe still missing two members: rebuild the other one.
       for (const r of this.rebuilder.offer(undefined, (s) => this.has(s), f.seq)) {
+        if (this.trace) this.tr('b', r.seq, null, r.payload.length);
         this.stats.framesRebuilt++;
         this.onDataFrame(r);
       }
@@ -716,18 +743,25 @@ export class Session extends EventEmitter {
     const unprotectedBelow = this.striper ? this.protectedFrom : undefined;
     const now = performance.now();
     const rtt = Math.max(this.stats.minRttMs, 1);
-    if (this.unackedBytes > Math.max(128 * 1024, (this.ackRate * rtt) / 1000)) return;
+    // With parity on, QEMU's stream is paced to about one bandwidth-delay product: the queue is
+    // shallow by design, and the pause's (what was in flight plus its last pages) may pass 128 KiB
+    // (one wan-10 pause waited 200 ms for TCP's own recovery of a frame copied too late so).
+    const shallow = this.striper ? 2 * Math.max(128 * 1024, (this.ackRate * rtt) / 1000) : Math.max(128 * 1024, (this.ackRate * rtt) / 1000);
+    if (this.unackedBytes > shallow) return;
     const margin = this.reorderMs();
     const before = this.ackedSentAt - margin;
     // Lost only once it is later than the latest delivered frame's round trip (which counts the
     // queue it waited in) allows: with a deep queue, minimum-RTT timing copied frames in transit.
     const late = Math.max(rtt, this.rackRtt) + margin;
     // A frame its stripe's parity should have rebuilt by now was not: two of the stripe were
-    // lost, or the parity was (one wan-10 pause waited 133 ms for such a frame).
+    // lost, or the parity was (one wan-10 pause waited 133 ms for such a frame). Once the parity
+    // went, that shows as for any frame: no acknowledgement a round trip after it. A frame whose
+    // stripe is still open waits longer.
     const lateProtected = late + Math.max(30, rtt / 2);
     for (const o of this.unacked.values()) {
       const covered = unprotectedBelow !== undefined && o.frame.seq >= unprotectedBelow; // its stripe's parity covers it
-      if (!o.conn || o.rescued || o.sentAt > before || now - o.sentAt < (covered ? lateProtected : late)) continue;
+      const due = !covered ? now - o.sentAt >= late : o.parityAt !== undefined ? now - Math.max(o.sentAt, o.parityAt) >= late : now - o.sentAt >= lateProtected;
+      if (!o.conn || o.rescued || o.sentAt > before || !due) continue;
       // Its connection delivers (a frame written to it earlier was just acknowledged): the frame
       // waits in that connection's queue behind congestion-window-limited data, it is not lost.
       if (now - o.conn.ackedAt < margin) continue;

@@ -7,10 +7,12 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { createRequire } from 'node:module';
 import { afterEach, describe, expect, it } from 'vitest';
 import { dial, listen, type Listener } from '../../src/transport/endpoint.js';
 import { encode, FrameType } from '../../src/transport/protocol.js';
 import type { Session } from '../../src/transport/session.js';
+import { tcpRecovering } from '../../src/transport/tcp-info.js';
 import type { Identity } from '../../src/transport/tls.js';
 
 const listeners: Listener[] = [];
@@ -81,6 +83,19 @@ function swallowOne(client: Session): () => number {
   let dropped = 0;
   (conn.sock as unknown as { write: (b: Buffer) => boolean }).write = (b: Buffer) => (b[1] === FrameType.DATA && !dropped++ ? true : write(b));
   return () => dropped;
+}
+
+/** Every connection's descriptor reaches the addon's TCP_INFO, and an idle healthy one is not recovering. */
+function expectKernelView(s: Session): void {
+  const tcpInfo = (createRequire(import.meta.url)('ferry-native') as { tcpInfo: (fd: number) => number[] | null }).tcpInfo;
+  const conns = [...(s as unknown as { conns: Set<{ sock: net.Socket }> }).conns];
+  expect(conns.length).toBeGreaterThan(0);
+  for (const c of conns) {
+    const fd = (c.sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    expect(fd).toBeGreaterThan(0);
+    expect(tcpInfo(fd!)).toHaveLength(5);
+    expect(tcpRecovering(c.sock)).toBe(false);
+  }
 }
 
 describe('transport session', () => {
@@ -178,6 +193,13 @@ describe('transport session', () => {
     expect(server.stats.framesRebuilt).toBe(1);
     expect(client.stats.framesRescued).toBe(0);
     client.protect(false);
+  });
+
+  it('reads each connection from the kernel (TCP_INFO) for the stuck test, healthy ones not stuck', async () => {
+    const { client, server } = await pair({ streams: 4 });
+    await waitUntil(() => client.connections === 4);
+    expectKernelView(client);
+    expectKernelView(server);
   });
 
   it('changes the stripe while protection stays on: the open stripe parity goes first, frames since are still covered', async () => {
@@ -455,6 +477,8 @@ describe('transport session', () => {
       await client.send(1, Buffer.from('hello over TLS'));
       await client.flush();
       expect(rx.msgs[0]!.toString()).toBe('hello over TLS');
+      expectKernelView(client);
+      expectKernelView(server);
     });
 
     it('refuses a server whose certificate is not pinned', async () => {
