@@ -1,3 +1,3 @@
 // Why this file exists: loads the addon node-gyp built (build/Release), for `import` from ESM
-// through createRequire; its users are src/migration/ram-hash.ts and src/transport/tcp-info.ts.
+// through createRequire; src/util/native.ts loads it for its users.
 module.exports = require('./build/Release/ferry_native.node');

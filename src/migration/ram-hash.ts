@@ -18,10 +18,10 @@
 // once its pages are mapped, against ~95 ms for read(2) into a buffer and hash-wasm (half of that
 // the copy). Both give the same hash; FERRY_NATIVE=0 uses the second (for comparisons).
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { createXXHash128, type IHasher } from 'hash-wasm';
+import { nativeAddon } from '../util/native.js';
 
 export const RAM_GROUP = 1 << 20;
 /** the group hash's name in `ram-end` (protocol.ts) and its length */
@@ -52,32 +52,12 @@ function digest(b: Buffer): Buffer {
   return Buffer.from(hasher!.digest('binary'));
 }
 
-/** The addon's calls (native/ramhash.c). */
-interface NativeHasher {
-  map(fd: number, length: number): number;
-  unmap(id: number): void;
-  hashGroup(id: number, offset: number, length: number, out: Uint8Array, outOffset: number): boolean;
-}
-let native: NativeHasher | null | undefined;
-
-/** The addon, loaded once per thread; null where it is missing (not built) or FERRY_NATIVE=0. */
-export function nativeHasher(): NativeHasher | null {
-  if (native === undefined) {
-    try {
-      native = process.env.FERRY_NATIVE === '0' ? null : (createRequire(import.meta.url)('ferry-native') as NativeHasher);
-    } catch {
-      native = null;
-    }
-  }
-  return native;
-}
-
 /** Guest RAM files mapped for hashing (main thread), by path; a file replaced since is mapped again. */
 const maps = new Map<string, { id: number; ino: number; size: number }>();
 
 /** The mapping of `file` for the addon (made on first use), or undefined without the addon. */
 function mapFor(file: string): number | undefined {
-  const n = nativeHasher();
+  const n = nativeAddon();
   if (!n) return undefined;
   let st: fs.Stats;
   try {
@@ -109,7 +89,7 @@ export function releaseRam(file: string): void {
   const have = maps.get(file);
   if (!have) return;
   maps.delete(file);
-  nativeHasher()?.unmap(have.id);
+  nativeAddon()?.unmap(have.id);
 }
 
 /** One job's work as each thread sees it (all buffers shared). */
@@ -130,7 +110,7 @@ export interface HashTask {
  */
 export function runTask(t: HashTask, slot: number, budget = Infinity): 'done' | 'more' {
   if (!hasher) throw new Error('hashReady() was not awaited');
-  const nat = t.map !== undefined ? nativeHasher() : null;
+  const nat = t.map !== undefined ? nativeAddon() : null;
   const buf = nat ? undefined : Buffer.alloc(RAM_GROUP);
   const fd = nat ? -1 : fs.openSync(t.file, 'r');
   try {
@@ -278,7 +258,7 @@ export class RamHashJob {
  * returned job if the pause comes first. Undefined without the addon (nothing to prepare).
  */
 export function prepareRam(file: string, bytes: number): RamHashJob | undefined {
-  if (!nativeHasher() || !fs.existsSync(file)) return undefined;
+  if (!nativeAddon() || !fs.existsSync(file)) return undefined;
   const job = new RamHashJob(file, allGroups(bytes));
   job.width(1);
   return job;

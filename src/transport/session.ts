@@ -447,7 +447,11 @@ export class Session extends EventEmitter {
     this.resumeTimer.unref();
   }
 
-  /** debugging (FERRY_DEBUG_MIGRATE): [kind, epoch ms, seq, conn, bytes] of frames written (w), parity (p), received (r), rebuilt (b) */
+  /**
+   * For debugging (FERRY_DEBUG_MIGRATE), when set: [kind, epoch ms, seq, connection, n] of DATA
+   * frames written (w; n = bytes), PARITY written (p; seq = its first member's), DATA received (r),
+   * PARITY received (q), frames rebuilt (b) and messages delivered (d; n = channel).
+   */
   trace: (string | number)[][] | undefined;
   private tr(kind: string, seq: bigint, c: Conn | null, n: number): void {
     this.trace?.push([kind, Math.round((performance.timeOrigin + performance.now()) * 10) / 10, Number(seq), c?.id ?? 0, n]);
@@ -480,8 +484,9 @@ export class Session extends EventEmitter {
   /**
    * While parity protects what is sent (a switchover): whether a connection's TCP is recovering
    * a lost segment (the kernel says so), or its oldest frame in flight was written `margin`
-   * before the latest one acknowledged (on any connection) and is still unacknowledged. Otherwise no connection counts as stuck: in a bulk transfer queues
-   * are deep and frames overtake each other without loss.
+   * before the latest one acknowledged (on any connection) and is still unacknowledged.
+   * Otherwise no connection counts as stuck: in a bulk transfer queues are deep and frames
+   * overtake each other without loss.
    */
   private stuckTest(): (c: Conn) => boolean {
     if (!this.striper) return NEVER;
@@ -746,8 +751,7 @@ export class Session extends EventEmitter {
     // With parity on, QEMU's stream is paced to about one bandwidth-delay product: the queue is
     // shallow by design, and the pause's (what was in flight plus its last pages) may pass 128 KiB
     // (one wan-10 pause waited 200 ms for TCP's own recovery of a frame copied too late so).
-    const shallow = this.striper ? 2 * Math.max(128 * 1024, (this.ackRate * rtt) / 1000) : Math.max(128 * 1024, (this.ackRate * rtt) / 1000);
-    if (this.unackedBytes > shallow) return;
+    if (this.unackedBytes > (this.striper ? 2 : 1) * Math.max(128 * 1024, (this.ackRate * rtt) / 1000)) return;
     const margin = this.reorderMs();
     const before = this.ackedSentAt - margin;
     // Lost only once it is later than the latest delivered frame's round trip (which counts the

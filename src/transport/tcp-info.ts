@@ -5,21 +5,8 @@
 // in flight on it from parity (measured on wan-10: a connection whose parity frame was lost got
 // two more of the pause's frames, each rebuilt or waited for ~90 ms). Without the addon
 // (FERRY_NATIVE=0, or not Linux) it answers `false` and the session relies on acknowledgements.
-import { createRequire } from 'node:module';
 import type { Duplex } from 'node:stream';
-
-type TcpInfo = (fd: number) => number[] | null;
-let tcpInfo: TcpInfo | null | undefined;
-
-function load(): TcpInfo | null {
-  if (tcpInfo !== undefined) return tcpInfo;
-  try {
-    tcpInfo = process.env.FERRY_NATIVE === '0' ? null : ((createRequire(import.meta.url)('ferry-native') as { tcpInfo?: TcpInfo }).tcpInfo ?? null);
-  } catch {
-    tcpInfo = null;
-  }
-  return tcpInfo;
-}
+import { nativeAddon } from '../util/native.js';
 
 /**
  * True when the socket's TCP holds a hole the receiver waits for: out-of-order acknowledgements
@@ -27,10 +14,10 @@ function load(): TcpInfo | null {
  * handle carries the TCP descriptor too.
  */
 export function tcpRecovering(sock: Duplex): boolean {
-  const f = load();
+  const n = nativeAddon();
   const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (!f || typeof fd !== 'number' || fd < 0) return false;
-  const i = f(fd);
+  if (!n || typeof fd !== 'number' || fd < 0) return false;
+  const i = n.tcpInfo(fd);
   if (!i) return false;
   const [caState, lost] = i as [number, number];
   return caState === 1 || caState >= 3 || lost > 0;

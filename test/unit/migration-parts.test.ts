@@ -273,7 +273,8 @@ describe('guest RAM check', () => {
     const fs = await import('node:fs');
     const os = await import('node:os');
     const path = await import('node:path');
-    const { hashReady, nativeHasher, RamHashJob, releaseRam, runTask, RAM_GROUP } = await import('../../src/migration/ram-hash.js');
+    const { hashReady, RamHashJob, releaseRam, runTask, RAM_GROUP } = await import('../../src/migration/ram-hash.js');
+    const { nativeAddon: nativeHasher } = await import('../../src/util/native.js');
     // Built by `npm ci` (native/): a missing addon is a failed install here, not a fallback.
     const nat = nativeHasher();
     expect(nat).not.toBeNull();
