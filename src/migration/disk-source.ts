@@ -49,6 +49,8 @@ export interface DiskStats {
 const READ_DEPTH = 16;
 /** pipelined rounds (the RAM phase) go on while at most this many barriers await their answer */
 const MAX_UNANSWERED = 3;
+/** The QMP id of a disk's read-only export: the copy's, or the whole-disk comparison's (`verify`). */
+const exportId = (d: SourceDisk, verify: boolean): string => `${verify ? 'fv' : 'fm'}-${d.node}`;
 
 export class DiskSender {
   readonly stats: DiskStats = { round: 0, roundDone: 0, roundTotal: 0, sentBytes: 0, initialBytes: 0, zeroBytes: 0, lastDirtyBytes: 0, dirtyRate: 0, lastRoundMs: 0, verifiedBytes: 0, mismatches: 0 };
@@ -97,7 +99,7 @@ export class DiskSender {
 
   /** Removes every trace (bitmaps, exports, NBD server). Safe to call twice. */
   async cleanup(): Promise<void> {
-    for (const d of this.disks) for (const id of [`fm-${d.node}`, `ff-${d.node}`, `fv-${d.node}`]) await exportDel(this.qmp, id);
+    for (const d of this.disks) for (const id of [exportId(d, false), `ff-${d.node}`, exportId(d, true)]) await exportDel(this.qmp, id);
     await nbdServerStop(this.qmp);
     // Every bitmap of this migration: a round the switchover interrupted leaves its own behind.
     const mine = bitmapPrefix(this.migId);
@@ -112,13 +114,13 @@ export class DiskSender {
    */
   private async open(d: SourceDisk, contexts: string[], verify = false): Promise<NbdClient> {
     const name = verify ? `${d.node}-verify` : d.node;
-    await exportAdd(this.qmp, { id: `${verify ? 'fv' : 'fm'}-${d.node}`, node: d.node, name, writable: false, allocationDepth: true });
+    await exportAdd(this.qmp, { id: exportId(d, verify), node: d.node, name, writable: false, allocationDepth: true });
     return NbdClient.connect({ path: this.nbdSocket }, name, contexts);
   }
 
   private async close(d: SourceDisk, c: NbdClient, verify = false): Promise<void> {
     await c.close();
-    await exportDel(this.qmp, `${verify ? 'fv' : 'fm'}-${d.node}`);
+    await exportDel(this.qmp, exportId(d, verify));
   }
 
   /** Round 0: what each destination disk lacks. Disks whose base is 'cached' are diffed by hash. */
@@ -188,7 +190,7 @@ export class DiskSender {
         // The final round's exports have names of their own: the round the pause interrupted
         // may have left its exports in place (`switching`).
         const name = final ? `${d.node}-final` : d.node;
-        await exportAdd(this.qmp, { id: final ? `ff-${d.node}` : `fm-${d.node}`, node: d.node, name, writable: false, bitmaps: [old] });
+        await exportAdd(this.qmp, { id: final ? `ff-${d.node}` : exportId(d, false), node: d.node, name, writable: false, bitmaps: [old] });
         return NbdClient.connect({ path: this.nbdSocket }, name, [ctx]);
       }),
     );
@@ -215,7 +217,7 @@ export class DiskSender {
       // At the switchover, stopping the NBD server (the caller's next step) drops the exports
       // and the bitmap goes with the rollback or the source copy; don't spend the pause on them.
       if (!final && !this.switching) {
-        await Promise.all(this.disks.map((d) => exportDel(this.qmp, `fm-${d.node}`)));
+        await Promise.all(this.disks.map((d) => exportDel(this.qmp, exportId(d, false))));
         for (const d of this.disks) await bitmapRemove(this.qmp, d.node, old);
       }
     }

@@ -281,7 +281,7 @@ export class SourceMigration {
     const session = this.session;
     let linkDown = false;
     let firstPass = true;
-    let earlyParity = false;
+    let firstPassDone = false;
     const gate = {
       target: () => queueTarget({ drainBytesPerSec: Math.max(this.linkRate, session.drainRate()), rttMs: session.stats.minRttMs || 50, window: session.window(), firstPass }),
       open: () => linkDown,
@@ -343,16 +343,16 @@ export class SourceMigration {
         if (st.status === 'pre-switchover') break;
         firstPass = st.dirtySyncCount < 2;
         if (DEBUG) fs.appendFileSync(DEBUG, `${JSON.stringify({ t: Date.now() - this.t0, sync: st.dirtySyncCount, rem: st.remaining, mbps: Math.round(st.mbps), exp: st.expectedDowntimeMs, thr: st.cpuThrottle, dirty: st.dirtyPagesRate, q: session.unackedPayload + this.ramSrc.backlog(), drain: Math.round(session.drainRate()) })}\n`);
-        if (!firstPass) this.mark('ram-first-pass-done');
-        if (!firstPass && DEBUG && !session.trace) session.trace = [];
-        // After the first pass QEMU resends what the guest dirtied: little on the wire (the link
-        // is mostly idle), and the switchover can follow any iteration. A frame of it lost in
-        // flight when QEMU pauses holds the pause's first pages for a round trip and the reorder
-        // margin (~125 ms on wan-10) unless parity rebuilds it: so parity from here, in short
-        // stripes (PRE_STRIPE members, PRE_STRIPE_HOLD_MS), which costs only idle link.
-        if (!firstPass && !earlyParity && process.env.FERRY_PARITY !== '0' && process.env.FERRY_PARITY_EARLY !== '0') {
-          earlyParity = true;
-          session.protect(true, PRE_STRIPE, PRE_STRIPE_HOLD_MS);
+        if (!firstPass && !firstPassDone) {
+          firstPassDone = true;
+          this.mark('ram-first-pass-done');
+          if (DEBUG) session.trace = []; // every frame from here to the switchover's end
+          // After the first pass QEMU resends what the guest dirtied: little on the wire (the link
+          // is mostly idle), and the switchover can follow any iteration. A frame of it lost in
+          // flight when QEMU pauses holds the pause's first pages for a round trip and the reorder
+          // margin (~125 ms on wan-10) unless parity rebuilds it: so parity from here, in short
+          // stripes (PRE_STRIPE members, PRE_STRIPE_HOLD_MS), which costs only idle link.
+          if (process.env.FERRY_PARITY !== '0' && process.env.FERRY_PARITY_EARLY !== '0') session.protect(true, PRE_STRIPE, PRE_STRIPE_HOLD_MS);
         }
         if (st.status === 'failed' || st.status === 'cancelled') throw new FerryError('QEMU_FAILED', `QEMU's RAM migration ${st.status}: ${st.error ?? ''}`);
         this.check();
